@@ -1,0 +1,219 @@
+"""The buildout recipe: a gunicorn part that serves a plone.recipe.zope2instance part.
+
+``__init__`` reads and checks everything (nothing touches the disk), so a bad
+option stops buildout before it uninstalls anything and the previous
+installation keeps working.  ``install`` writes the files and the script and
+returns every path it created.
+"""
+
+import os
+import shutil
+import sys
+
+import zc.buildout
+import zc.buildout.easy_install
+import zc.recipe.egg
+
+from plone.recipe.gunicorn.instance import Instance
+
+MODES = ("ini", "script")
+
+# Options that belong to the recipe; every other option is a gunicorn setting.
+RECIPE_OPTIONS = frozenset({
+    "recipe", "instance", "mode", "script-name", "var", "eggs", "extra-paths",
+    # written by the recipe or by zc.recipe.egg, for other parts to read
+    "location", "config-file", "script", "executable",
+    "eggs-directory", "develop-eggs-directory", "_e", "_d", "_b",
+    "find-links", "index",
+})
+
+# Filters the generated ini defines; other pipeline entries must be egg: URIs.
+KNOWN_FILTERS = ("translogger", "zope")
+
+
+class Recipe:
+    def __init__(self, buildout, name, options):
+        if sys.platform == "win32":
+            raise zc.buildout.UserError(
+                f"[{name}] gunicorn runs on POSIX systems only, not on Windows; "
+                "serve Zope with waitress (bin/instance) there")
+        # gunicorn does not import on Windows: only now is it safe to import.
+        from plone.recipe.gunicorn import settings as gsettings
+
+        self.buildout, self.name, self.options = buildout, name, options
+        user_options = {k: v for k, v in options.items()
+                        if k not in RECIPE_OPTIONS and not k.startswith("_")}
+
+        options.setdefault("instance", "instance")
+        options.setdefault("mode", "ini")
+        options.setdefault("script-name", f"{name}-instance")
+        self.instance = instance = Instance(buildout, name, options["instance"])
+        options.setdefault("var", instance.var)
+
+        self.mode = options["mode"].strip()
+        if self.mode not in MODES:
+            raise zc.buildout.UserError(
+                f"[{name}] mode = {self.mode}: unknown mode; use ini (a PasteDeploy "
+                "ini run by gunicorn) or script (gunicornapp.py and gunicorn.conf.py)")
+
+        base = buildout["buildout"]
+        self.location = options["location"] = os.path.join(base["parts-directory"], name)
+        self.script = options["script"] = os.path.join(
+            base["bin-directory"], options["script-name"])
+        config_file = "gunicorn.ini" if self.mode == "ini" else "gunicorn.conf.py"
+        options["config-file"] = os.path.join(self.location, config_file)
+
+        var = options["var"]
+        self.log_dir = os.path.join(var, "log")
+        self.eventlog = os.path.join(self.log_dir, f"{name}.log")
+        self.accesslog = os.path.join(self.log_dir, f"{name}-access.log")
+
+        self.settings = self._settings(gsettings, user_options, self._defaults(gsettings))
+        self.pipeline = self._pipeline()
+
+    def _defaults(self, gsettings):
+        """gunicorn settings for Zope where the part says nothing (option names)."""
+        name, instance, var = self.name, self.instance, self.options["var"]
+        try:
+            bind = gsettings.bind_from_http_address(instance.http_address)
+        except ValueError as exc:
+            raise zc.buildout.UserError(
+                f"[{instance.name}] http-address = {instance.http_address!r}: {exc}")
+        try:
+            threads = int(instance.threads)
+        except ValueError:
+            raise zc.buildout.UserError(
+                f"[{instance.name}] threads = {instance.threads!r}: not a whole number")
+        return {
+            "bind": "\n".join(bind),
+            "control-socket": os.path.join(var, f"{name}.ctl"),
+            "forwarded-allow-ips": "127.0.0.1,::1",
+            "pidfile": os.path.join(var, f"{name}.pid"),
+            "proc-name": name,
+            "threads": str(threads),
+            "worker-class": "gthread" if threads > 1 else "sync",
+            # A FileStorage belongs to one process; a shared database can use
+            # every core of this host.
+            "workers": str(os.cpu_count() or 1) if instance.shares_database else "1",
+        }
+
+    def _settings(self, gsettings, user_options, defaults):
+        """Every gunicorn setting of the part, checked by gunicorn: {name: value}."""
+        given = {}
+        for option in user_options:
+            try:
+                setting = gsettings.check_name(option)
+            except gsettings.SettingError as exc:
+                raise zc.buildout.UserError(f"[{self.name}] {option}: {exc.reason}")
+            if setting in given:
+                raise zc.buildout.UserError(
+                    f"[{self.name}] {option} and {given[setting]} both set gunicorn's "
+                    f"{setting}; keep one of them")
+            given[setting] = option
+        for option, value in defaults.items():
+            if gsettings.setting_name(option) not in given:
+                self.options.setdefault(option, value)
+                given[gsettings.setting_name(option)] = option
+
+        result = {}
+        for setting, option in given.items():
+            value = self.options[option]
+            try:
+                result[setting] = gsettings.convert(option, value)
+            except gsettings.SettingError as exc:
+                raise zc.buildout.UserError(
+                    f"[{self.name}] {option} = {value.strip()!r}: {exc.reason}")
+        if "bind" in user_options or "bind" in given.values():
+            for address in result["bind"]:
+                try:
+                    gsettings.check_bind(address)
+                except ValueError as exc:
+                    raise zc.buildout.UserError(
+                        f"[{self.name}] {given['bind']} = {self.options[given['bind']]!r}: {exc}")
+        return result
+
+    def _pipeline(self):
+        pipeline = list(self.instance.pipeline)
+        for entry in pipeline:
+            if entry not in KNOWN_FILTERS and not entry.startswith("egg:"):
+                raise zc.buildout.UserError(
+                    f"[{self.instance.name}] pipeline: {entry!r} is a filter section of "
+                    "the instance's own wsgi.ini, which the gunicorn ini does not have; "
+                    "name it as egg:DISTRIBUTION#ENTRY_POINT")
+        if "zope" not in pipeline:
+            pipeline.append("zope")
+        return pipeline
+
+    # -- install ---------------------------------------------------------
+
+    def install(self):
+        from plone.recipe.gunicorn import render
+
+        context = {
+            "part": self.name,
+            "instance": self.instance.name,
+            "script": self.options["script-name"],
+            "location": self.location,
+            "zope_conf": self.instance.zope_conf,
+            "eventlog": self.eventlog,
+            "accesslog": self.accesslog,
+            "loglevel": self.settings.get("loglevel", "info"),
+            "logconfig": os.path.join(self.location, "logging.ini"),
+        }
+        if self.mode == "ini":
+            rendered = render.ini_mode(context, self.settings, self.pipeline)
+        else:
+            server_settings = dict(self.settings)
+            user_config = server_settings.pop("config", None)
+            rendered = render.script_mode(context, server_settings, user_config)
+
+        # Resolve eggs before writing anything: a missing egg fails here.
+        working_set = self._working_set()
+
+        created_location = not os.path.isdir(self.location)
+        try:
+            os.makedirs(self.location, exist_ok=True)
+            os.makedirs(self.log_dir, exist_ok=True)
+            for filename, text in rendered.items():
+                _write(os.path.join(self.location, filename), text)
+            scripts = self._scripts(working_set)
+        except BaseException:
+            if created_location:
+                shutil.rmtree(self.location, ignore_errors=True)
+            raise
+        return [self.location, *scripts]
+
+    update = install
+
+    def _working_set(self):
+        """The instance's working set (what plone.recipe.zope2instance itself
+        uses, so ZEO, RelStorage and the instance's eggs are importable) plus
+        this recipe and gunicorn, plus the part's own ``eggs``."""
+        eggs = "\n".join([self.instance.eggs, self.options.get("eggs", "")])
+        egg = zc.recipe.egg.Egg(self.buildout, self.name, {"eggs": eggs})
+        return egg.working_set(["plone.recipe.zope2instance", "plone.recipe.gunicorn"])[1]
+
+    def _scripts(self, working_set):
+        extra_paths = (self.instance.extra_paths + "\n" + self.options.get("extra-paths", "")).split()
+        return zc.buildout.easy_install.scripts(
+            [(self.options["script-name"], "plone.recipe.gunicorn.runtime", "main")],
+            working_set,
+            self.buildout["buildout"]["executable"],
+            self.buildout["buildout"]["bin-directory"],
+            extra_paths=extra_paths,
+            arguments=f"{self.mode!r}, {self.options['config-file']!r}",
+        )
+
+
+def _write(path, text):
+    """Write ``text`` to ``path`` unless it is there already; never writable by others."""
+    try:
+        with open(path) as existing:
+            if existing.read() == text:
+                return
+    except FileNotFoundError:
+        pass
+    tmp = path + ".tmp"
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,101 @@
+"""Run time: what ``bin/<part>-instance`` and the PasteDeploy server entry point do.
+
+In both modes this process becomes the gunicorn master, so gunicorn's signals
+(HUP, TERM, INT, QUIT, TTIN, TTOU, USR1, USR2) reach it directly, and the Zope
+application is loaded by each worker after the fork (``preload_app`` off).
+
+- ini mode: the ini's ``[server:main]`` holds the gunicorn settings and its
+  ``main`` pipeline is the application.  gunicorn's own ``--paste`` loads the
+  application per worker but ignores ``[server:main]``; ``PasteApplication``
+  reads it.
+- script mode: gunicorn's own command line with ``-c gunicorn.conf.py``; that
+  file names ``gunicornapp:application``.
+
+Extra command-line arguments go to gunicorn and override the generated
+settings (gunicorn's precedence: file, then GUNICORN_CMD_ARGS, then command
+line).
+"""
+
+import configparser
+import os
+import sys
+
+from gunicorn.app.pasterapp import has_logging_config
+from gunicorn.app.wsgiapp import WSGIApplication
+
+from plone.recipe.gunicorn import settings
+
+
+def main(mode, config, argv=None):
+    """Entry point of ``bin/<part>-instance``: serve in the foreground."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    prog = os.path.basename(sys.argv[0])
+    if mode == "ini":
+        sys.argv = [prog, *argv]
+        application = PasteApplication(config, prog=prog)
+    elif mode == "script":
+        sys.argv = [prog, "-c", config, *argv]
+        application = WSGIApplication("%(prog)s [OPTIONS]", prog=prog)
+    else:
+        sys.exit(f"{prog}: unknown mode {mode!r}; expected ini or script")
+    try:
+        application.run()
+    except Exception as exc:
+        # gunicorn reports most start-up problems itself; the rest (a log
+        # directory that is gone, say) would otherwise end in a traceback.
+        sys.exit(f"{prog}: cannot start: {exc}")
+
+
+class PasteApplication(WSGIApplication):
+    """gunicorn serving a PasteDeploy ini, settings from its ``[server:main]``."""
+
+    def __init__(self, ini, prog=None):
+        self.ini = os.path.abspath(ini)
+        super().__init__("%(prog)s [OPTIONS]", prog=prog)
+
+    def init(self, parser, opts, args):
+        if not os.path.exists(self.ini):
+            raise RuntimeError(f"{self.ini} not found; run buildout")
+        # WSGIApplication.load() then calls PasteDeploy's loadapp, per worker.
+        self.cfg.set("paste", self.ini)
+        self.cfg.set("default_proc_name", self.ini)
+        self.app_uri = "config:" + self.ini
+        if has_logging_config(self.ini):
+            self.cfg.set("logconfig", self.ini)
+        server = server_settings(self.ini)
+        user_config = server.pop("config", None)
+        for name, value in server.items():
+            self.cfg.set(name, value)
+        # As gunicorn's own paste runner does: a config file named in
+        # [server:main] is read after the block, so its settings win.
+        if user_config:
+            self.load_config_from_file(user_config)
+
+
+def server_settings(ini, section="server:main"):
+    """The gunicorn settings written in an ini's ``[server:main]``, converted."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(ini)
+    return {
+        settings.setting_name(key): settings.convert(key, value)
+        for key, value in parser.items(section)
+        if key != "use"
+    }
+
+
+def serve(app, global_conf, **local_conf):
+    """PasteDeploy server runner: ``use = egg:plone.recipe.gunicorn#main``.
+
+    Reached when ``bin/instance fg|console`` runs our ini (the instance's
+    ``wsgi`` option).  Zope's runwsgi has already created the application in
+    this process, and with it opened the database: forking workers from here
+    would share that connection.  So this process is replaced by a fresh
+    gunicorn master for the same ini, whose workers create their own.
+    """
+    ini = os.path.abspath(global_conf["__file__"])
+    path = os.pathsep.join(entry for entry in sys.path if entry)
+    env = dict(os.environ, PYTHONPATH=path)
+    code = "import sys; from plone.recipe.gunicorn.runtime import main; main('ini', sys.argv[1], [])"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-c", code, ini], env)

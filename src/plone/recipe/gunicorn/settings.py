@@ -1,0 +1,165 @@
+"""gunicorn settings from text: part options in, values gunicorn accepts out.
+
+Buildout options and PasteDeploy ``[server:main]`` keys are both plain text.
+This module turns such text into the value of a gunicorn setting the way
+gunicorn's own command line does (the setting's argparse ``type``, its
+``action``, then its validator from ``gunicorn.config``), so that a value
+accepted at buildout time is the value gunicorn will run with.  It also turns
+plone.recipe.zope2instance's ``http-address`` into gunicorn binds.
+
+It is used by the recipe at buildout time and by the runtime at start, so it
+must not import zc.buildout.
+"""
+
+import difflib
+import re
+
+from gunicorn.config import Config
+
+# Settings that hold lists take one item per line; bind, like http-address,
+# also takes white space between addresses.
+_WHITESPACE_LISTS = {"bind"}
+_FLAG_ACTIONS = {"store_true", "store_false", "store_const"}
+
+
+class SettingError(ValueError):
+    """A text value that cannot become a gunicorn setting.
+
+    ``option`` is the name as the user wrote it, ``value`` the text, and
+    ``reason`` a sentence saying what would be right.
+    """
+
+    def __init__(self, option, value, reason):
+        self.option, self.value, self.reason = option, value, reason
+        super().__init__(f"{option} = {value!r}: {reason}")
+
+
+def known_settings():
+    """gunicorn's settings by name, as this gunicorn version defines them."""
+    return Config().settings
+
+
+def setting_name(option):
+    """The gunicorn setting an option names: ``worker-class`` is ``worker_class``."""
+    return option.strip().lower().replace("-", "_")
+
+
+def check_name(option):
+    """Return the setting name for ``option`` or raise SettingError.
+
+    The error suggests the closest real setting name for a misspelling.
+    """
+    name = setting_name(option)
+    settings = known_settings()
+    if name in settings:
+        return name
+    close = difflib.get_close_matches(name, settings, n=1)
+    hint = f"did you mean {close[0].replace('_', '-')}?" if close else (
+        "see gunicorn's settings reference for the names it knows")
+    raise SettingError(option, "", f"gunicorn has no setting {name!r}; {hint}")
+
+
+def convert(option, text):
+    """The value to give gunicorn's ``Config.set`` for ``option`` written as ``text``.
+
+    Converted as gunicorn's command line converts it and checked by the
+    setting's validator; SettingError says what is wrong.
+    """
+    name = check_name(option)
+    config = Config()
+    setting = config.settings[name]
+    if not setting.cli or setting.type is callable:
+        # Hooks and dictionaries have no text form on gunicorn's command line.
+        raise SettingError(
+            option, text,
+            f"gunicorn's {name} cannot be written as text; set it in a gunicorn "
+            "config file and name that file with the config option")
+    try:
+        if setting.action in _FLAG_ACTIONS:
+            value = text.strip()
+        elif setting.action == "append":
+            value = [_coerce(setting, item) for item in split_list(name, text)]
+        else:
+            value = _coerce(setting, text.strip())
+        config.set(name, value)
+    except Exception as exc:  # gunicorn's validators raise several kinds
+        raise SettingError(option, text, _describe(setting, exc)) from None
+    return value
+
+
+def _coerce(setting, text):
+    if setting.type is None:
+        return text
+    return setting.type(text)
+
+
+def _describe(setting, exc):
+    kind = {
+        "store_true": "true or false",
+        "store_false": "true or false",
+        "store_const": "true or false",
+    }.get(setting.action) or {int: "a whole number"}.get(setting.type)
+    if kind is None and setting.type is not None:
+        kind = "a number (octal like 0o022 or 022 allowed)"
+    expected = f"gunicorn expects {kind} for {setting.name}" if kind else (
+        f"gunicorn rejects it for {setting.name}")
+    return f"{expected} ({setting.short.rstrip('.')}): {exc}"
+
+
+def split_list(name, text):
+    """Items of a list-valued setting written as text."""
+    if name in _WHITESPACE_LISTS:
+        return text.split()
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def to_text(name, value):
+    """The text form of a converted value, for an ini file; ``convert`` reads it back."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "\n".join(str(item) for item in value)
+    return str(value)
+
+
+# http-address and bind --------------------------------------------------
+
+_HOST_PORT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(?P<port>\d+)$")
+
+
+def bind_from_http_address(http_address):
+    """gunicorn binds for a plone.recipe.zope2instance ``http-address``.
+
+    The instance's rules: addresses are separated by white space, a bare port
+    means all IPv4 interfaces (``0.0.0.0:PORT``), ``host:port`` is kept.  Also
+    kept: ``[::1]:8080`` and ``unix:/path/to/socket``.
+    """
+    binds = []
+    for address in http_address.split():
+        if address.isdigit():
+            address = f"0.0.0.0:{address}"
+        binds.append(check_bind(address))
+    if not binds:
+        raise ValueError("it names no address; give a port like 8080 or host:port")
+    return binds
+
+
+def check_bind(address):
+    """Return ``address`` if gunicorn can listen on it, else raise ValueError."""
+    if address.startswith("unix:"):
+        if len(address) == len("unix:"):
+            raise ValueError(f"{address!r} has no socket path; write unix:/path/to/socket")
+        return address
+    if address.startswith("fd://"):
+        if not address[len("fd://"):].isdigit():
+            raise ValueError(f"{address!r} is not fd://NUMBER")
+        return address
+    match = _HOST_PORT.match(address)
+    if match is None:
+        raise ValueError(
+            f"{address!r} is not an address; write PORT, HOST:PORT, [IPv6]:PORT "
+            "or unix:/path/to/socket")
+    port = int(match["port"])
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} in {address!r} is out of range 1-65535")
+    return address
