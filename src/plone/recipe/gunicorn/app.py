@@ -5,6 +5,11 @@ therefore create it in each worker after forking, never in the master: a
 forked FileStorage handle is shared by several processes (corruption) and a
 forked ZEO client has lost its networking thread (every request hangs).
 
+Zope retries a request that met a ConflictError, and rewinds ``wsgi.input``
+to read the body again.  gunicorn's request body is a stream without
+``seek``: the retry itself fails and the client gets a 500.  ``RewindableInput``
+gives Zope a seekable copy of the body, as waitress does.
+
 Workers of one master boot at the same moment.  On a fresh, empty database
 each of them would create the Zope root object and all but one would fail
 with a ConflictError, which makes gunicorn stop the whole server.  Creating
@@ -13,7 +18,12 @@ one host do it one after the other; the second finds the root in place.
 """
 
 import fcntl
+import shutil
 from contextlib import contextmanager
+from tempfile import SpooledTemporaryFile
+
+# Bodies up to this size stay in memory; larger ones (uploads) go to a file.
+SPOOL_IN_MEMORY = 1024 * 1024
 
 
 @contextmanager
@@ -32,4 +42,21 @@ def make_zope_app(global_conf, zope_conf, **local_conf):
     from Zope2.Startup.run import make_wsgi_app
 
     with startup_lock(zope_conf):
-        return make_wsgi_app(global_conf, zope_conf)
+        return RewindableInput(make_wsgi_app(global_conf, zope_conf))
+
+
+class RewindableInput:
+    """WSGI middleware: a seekable ``wsgi.input``, so Zope can retry a request."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def __call__(self, environ, start_response):
+        stream = environ["wsgi.input"]
+        seekable = getattr(stream, "seekable", None)
+        if seekable is None or not seekable():
+            body = SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
+            shutil.copyfileobj(stream, body)
+            body.seek(0)
+            environ["wsgi.input"] = body
+        return self.app(environ, start_response)

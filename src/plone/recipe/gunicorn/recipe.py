@@ -106,8 +106,9 @@ class Recipe:
             except gsettings.SettingError as exc:
                 raise zc.buildout.UserError(f"[{self.name}] {option}: {exc.reason}")
             if setting in given:
+                first, second = sorted([option, given[setting]])
                 raise zc.buildout.UserError(
-                    f"[{self.name}] {option} and {given[setting]} both set gunicorn's "
+                    f"[{self.name}] {first} and {second} both set gunicorn's "
                     f"{setting}; keep one of them")
             given[setting] = option
         for option, value in defaults.items():

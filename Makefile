@@ -1,0 +1,31 @@
+# make run   build the buildout and serve Zope through gunicorn on http://127.0.0.1:8080
+# make test  run the test suite (real buildouts, Zope, ZEO and gunicorn on loopback)
+PYTHON ?= python3
+VENV := .venv
+TESTVENV := .venv-test
+BUILDOUT := $(VENV)/bin/buildout
+CONFIG ?= buildout.cfg
+
+.PHONY: run build test clean
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet -r requirements.txt
+	touch $@
+
+build: $(VENV)/.installed
+	$(BUILDOUT) -N -c $(CONFIG)
+
+run: build
+	exec bin/gunicorn-instance
+
+$(TESTVENV)/.installed: requirements-test.txt
+	$(PYTHON) -m venv $(TESTVENV)
+	$(TESTVENV)/bin/pip install --quiet -r requirements-test.txt
+	touch $@
+
+test: $(VENV)/.installed $(TESTVENV)/.installed
+	$(TESTVENV)/bin/pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) $(TESTVENV) bin parts develop-eggs .installed.cfg src/*.egg-info

@@ -1,0 +1,192 @@
+"""Real buildouts, real servers, real HTTP on loopback.
+
+Every test buildout shares one eggs directory (the repository's ``eggs/``,
+the one ``make run`` uses), so only the first build downloads anything.
+Every process a test starts runs in its own session and is stopped with its
+whole process group, also when the test fails.
+"""
+
+import base64
+import http.client
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BUILDOUT = Path(os.environ.get("PLONE_RECIPE_GUNICORN_BUILDOUT", REPO / ".venv" / "bin" / "buildout"))
+EGGS = Path(os.environ.get("PLONE_RECIPE_GUNICORN_EGGS", REPO / "eggs"))
+ADMIN = "Basic " + base64.b64encode(b"admin:admin").decode()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Buildout:
+    """A buildout directory of a test; ``run`` is ``bin/buildout`` there."""
+
+    def __init__(self, directory):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def write(self, text):
+        (self.dir / "buildout.cfg").write_text(textwrap.dedent(text).lstrip())
+
+    def run(self, *assignments, check=True):
+        result = subprocess.run(
+            [str(BUILDOUT), "-N", "-c", "buildout.cfg",
+             f"buildout:eggs-directory={EGGS}", f"buildout:develop={REPO}",
+             *assignments],
+            cwd=self.dir, capture_output=True, text=True, timeout=900,
+            stdin=subprocess.DEVNULL)
+        if check and result.returncode:
+            pytest.fail(f"buildout failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def path(self, *parts):
+        return self.dir.joinpath(*parts)
+
+
+@pytest.fixture(scope="session")
+def new_buildout(tmp_path_factory):
+    """Make a Buildout in a fresh directory: ``new_buildout("name", cfg_text)``."""
+    def make(name, text):
+        buildout = Buildout(tmp_path_factory.mktemp(name))
+        buildout.write(text)
+        return buildout
+    return make
+
+
+class Server:
+    """A server process of a test (zeoserver, gunicorn master), in its own session."""
+
+    def __init__(self, args, cwd, name):
+        self.name = name
+        self.log_path = Path(cwd) / (re.sub(r"[^\w.-]+", "_", name) + ".console.log")
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [str(a) for a in args], cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True)
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def output(self):
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def running(self):
+        return self.proc.poll() is None
+
+    def signal(self, signum):
+        os.kill(self.proc.pid, signum)
+
+    def stop(self, timeout=30):
+        """Stop the server and everything it started; return its exit status."""
+        if self.running():
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers of the group
+        except ProcessLookupError:
+            pass
+        status = self.proc.wait()
+        self.log.close()
+        return status
+
+    def workers(self):
+        """pids of the gunicorn workers: children of this master."""
+        children = Path(f"/proc/{self.pid}/task/{self.pid}/children")
+        return [int(pid) for pid in children.read_text().split()] if children.exists() else []
+
+
+@pytest.fixture
+def servers():
+    """Start servers for one test; all of them are stopped when it ends."""
+    started = []
+
+    def start(args, cwd, name="server"):
+        server = Server(args, cwd, name)
+        started.append(server)
+        return server
+
+    yield start
+    for server in reversed(started):
+        server.stop()
+
+
+def request(address, path="/", method="GET", body=None, auth=None, timeout=30):
+    """One HTTP request; returns (status, body bytes).
+
+    ``address`` is ``host:port``, ``[v6]:port`` or ``unix:/path``.
+    """
+    if address.startswith("unix:"):
+        conn = UnixHTTPConnection(address[len("unix:"):], timeout=timeout)
+    else:
+        host, _, port = address.rpartition(":")
+        conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
+    headers = {"Connection": "close"}
+    if auth:
+        headers["Authorization"] = auth
+    if body is not None:
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path, timeout):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
+
+
+def wait_until_serving(server, address, path="/", timeout=90):
+    """Wait for the first answer from ``address``; fail with the server's output if none."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not server.running():
+            pytest.fail(f"{server.name} exited with {server.proc.returncode}:\n{server.output()}")
+        try:
+            status, _ = request(address, path, timeout=5)
+            return status
+        except OSError:
+            time.sleep(0.2)
+    pytest.fail(f"{server.name} did not answer on {address} in {timeout}s:\n{server.output()}")
+
+
+def wait_for_port(address, timeout=60):
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, int(port)), timeout=2).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    pytest.fail(f"nothing listens on {address} after {timeout}s")

@@ -1,0 +1,57 @@
+"""The per-worker Zope application wrapper, on its own."""
+
+import io
+import os
+import time
+
+from plone.recipe.gunicorn.app import RewindableInput, startup_lock
+
+
+class Stream(io.RawIOBase):
+    """A request body as gunicorn hands it over: readable, not seekable."""
+
+    def __init__(self, data):
+        self.data = io.BytesIO(data)
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        return self.data.readinto(buffer)
+
+
+def test_body_can_be_read_again_after_a_retry():
+    seen = []
+
+    def zope_like(environ, start_response):
+        body = environ["wsgi.input"]
+        seen.append(body.read())
+        body.seek(0)  # what ZPublisher's HTTPRequest.retry does after a ConflictError
+        seen.append(body.read())
+        start_response("200 OK", [])
+        return [b""]
+
+    payload = b"title=x" * 300_000  # over the in-memory limit: spooled to a file
+    RewindableInput(zope_like)({"wsgi.input": Stream(payload)}, lambda *a: None)
+    assert seen == [payload, payload]
+
+
+def test_seekable_input_is_passed_through():
+    body = io.BytesIO(b"a=1")
+    environ = {"wsgi.input": body}
+    RewindableInput(lambda env, sr: [env["wsgi.input"]])(environ, None)
+    assert environ["wsgi.input"] is body
+
+
+def test_startup_lock_lets_one_process_start_zope_at_a_time(tmp_path):
+    zope_conf = tmp_path / "zope.conf"
+    zope_conf.write_text("")
+    with startup_lock(zope_conf):
+        pid = os.fork()
+        if pid == 0:  # a second worker: must wait for the first
+            with startup_lock(zope_conf):
+                os._exit(0)
+        time.sleep(0.5)
+        finished, _ = os.waitpid(pid, os.WNOHANG)
+    assert finished == 0, "the second process started while the first held the lock"
+    assert os.waitpid(pid, 0)[1] == 0  # and got the lock once it was released

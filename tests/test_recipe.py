@@ -1,0 +1,223 @@
+"""A buildout section in, files and scripts out: real buildout runs."""
+
+import configparser
+import runpy
+import socket
+
+import pytest
+
+from conftest import REPO, free_port, request, wait_until_serving
+
+
+@pytest.fixture(scope="module")
+def built(new_buildout):
+    """One buildout with the parts users write: ini and script mode on a
+    FileStorage instance, and a ZEO client instance with its own part."""
+    port = free_port()
+    buildout = new_buildout("render", f"""
+        [buildout]
+        extends = {REPO}/buildout.cfg
+        parts = instance gunicorn gunicorn-script zeoclient gunicorn-zeo
+
+        [instance]
+        http-address = 127.0.0.1:{port}
+
+        [gunicorn-script]
+        recipe = plone.recipe.gunicorn
+        mode = script
+        bind = 127.0.0.1:{port + 1}
+        max-requests = 1000
+
+        [zeoclient]
+        <= instance
+        zeo-client = on
+        zeo-address = 127.0.0.1:9
+        pipeline =
+            egg:Zope#httpexceptions
+            zope
+
+        [gunicorn-zeo]
+        recipe = plone.recipe.gunicorn
+        instance = zeoclient
+        script-name = zope-gunicorn
+        threads = 2
+    """)
+    buildout.run()
+    buildout.port = port
+    return buildout
+
+
+def read_ini(path):
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(path)
+    return parser
+
+
+def test_ini_mode_serves_the_instance_zope_conf_with_its_pipeline(built):
+    ini = read_ini(built.path("parts", "gunicorn", "gunicorn.ini"))
+    assert ini["server:main"]["use"] == "egg:plone.recipe.gunicorn#main"
+    assert ini["app:zope"]["use"] == "egg:plone.recipe.gunicorn#zope"
+    assert ini["app:zope"]["zope_conf"] == str(built.path("parts", "instance", "etc", "zope.conf"))
+    assert ini["pipeline:main"]["pipeline"].split() == [
+        "translogger", "egg:Zope#httpexceptions", "zope"]
+
+
+def test_ini_mode_defaults_for_a_filestorage_instance(built):
+    server = read_ini(built.path("parts", "gunicorn", "gunicorn.ini"))["server:main"]
+    var = built.path("var")
+    assert server["bind"] == f"127.0.0.1:{built.port}"
+    assert server["workers"] == "1"  # a FileStorage belongs to one process
+    assert (server["worker_class"], server["threads"]) == ("gthread", "4")
+    assert server["pidfile"] == str(var / "gunicorn.pid")
+    assert server["control_socket"] == str(var / "gunicorn.ctl")
+    assert server["proc_name"] == "gunicorn"
+    assert server["forwarded_allow_ips"] == "127.0.0.1,::1"
+
+
+def test_ini_mode_logs_into_the_part_logs(built):
+    ini = read_ini(built.path("parts", "gunicorn", "gunicorn.ini"))
+    log = built.path("var", "log")
+    assert str(log / "gunicorn.log") in ini["handler_eventlog"]["args"]
+    assert str(log / "gunicorn-access.log") in ini["handler_accesslog"]["args"]
+    assert ini["logger_wsgi"]["handlers"] == "accesslog"  # the translogger's requests
+
+
+def test_script_mode_writes_gunicorn_config_and_app_module(built):
+    location = built.path("parts", "gunicorn-script")
+    conf = runpy.run_path(str(location / "gunicorn.conf.py"))
+    assert conf["wsgi_app"] == "gunicornapp:application"
+    assert conf["pythonpath"] == str(location)
+    assert conf["bind"] == [f"127.0.0.1:{built.port + 1}"]  # bind option beats http-address
+    assert conf["max_requests"] == 1000
+    assert conf["pidfile"] == str(built.path("var", "gunicorn-script.pid"))
+    app = (location / "gunicornapp.py").read_text()
+    assert repr(str(built.path("parts", "instance", "etc", "zope.conf"))) in app
+    assert "application = " in app
+
+
+def test_shared_database_gets_workers_and_the_instance_pipeline(built):
+    import os
+    server = read_ini(built.path("parts", "gunicorn-zeo", "gunicorn.ini"))
+    assert server["server:main"]["workers"] == str(os.cpu_count())
+    assert server["server:main"]["threads"] == "2"
+    assert server["pipeline:main"]["pipeline"].split() == ["egg:Zope#httpexceptions", "zope"]
+    assert server["app:zope"]["zope_conf"] == str(built.path("parts", "zeoclient", "etc", "zope.conf"))
+
+
+def test_scripts_are_named_after_the_part_and_carry_the_instance_eggs(built):
+    script = built.path("bin", "gunicorn-instance").read_text()
+    for egg in ("Zope-", "gunicorn-", "ZEO-", "plone.recipe.zope2instance-", "PasteDeploy-"):
+        assert egg in script
+    assert "runtime.main('ini', " in script
+    assert "runtime.main('script', " in built.path("bin", "gunicorn-script-instance").read_text()
+    assert built.path("bin", "zope-gunicorn").exists()  # script-name
+
+
+def test_generated_files_are_not_writable_by_others(built):
+    for path in built.path("parts", "gunicorn-script").iterdir():
+        assert not path.stat().st_mode & 0o022, path
+
+
+# Bad input: one table of broken sections and the message each must produce.
+# Every message names the part, the option and the value.
+BROKEN = {
+    "bad value": ("[gunicorn]\nworkers = two",
+                  ["[gunicorn] workers = 'two'", "whole number"]),
+    "negative value": ("[gunicorn]\ntimeout = -5",
+                       ["[gunicorn] timeout = '-5'", "positive"]),
+    "misspelt setting": ("[gunicorn]\nworker-clas = sync",
+                         ["[gunicorn] worker-clas", "did you mean worker-class?"]),
+    "unknown setting": ("[gunicorn]\nflux-capacitor = 1",
+                        ["[gunicorn] flux-capacitor", "no setting 'flux_capacitor'"]),
+    "hook as text": ("[gunicorn]\npost-fork = hooks.post_fork",
+                     ["[gunicorn] post-fork = 'hooks.post_fork'", "config file"]),
+    "same setting twice": ("[gunicorn]\nworker-class = sync\nworker_class = gthread",
+                           ["[gunicorn]", "worker-class and worker_class"]),
+    "unknown mode": ("[gunicorn]\nmode = fast",
+                     ["[gunicorn] mode = fast", "use ini", "or script"]),
+    "missing instance": ("[gunicorn]\ninstance = zope",
+                         ["[gunicorn] instance = zope", "no part [zope]"]),
+    "instance of another recipe": (
+        "[gunicorn]\ninstance = other\n[other]\nrecipe = zc.recipe.egg\neggs = Zope",
+        ["[gunicorn] instance = other", "not plone.recipe.zope2instance"]),
+    "http-address out of range": ("[instance]\nhttp-address = 127.0.0.1:99999",
+                                  ["[instance] http-address = '127.0.0.1:99999'", "1-65535"]),
+    "malformed bind": ("[gunicorn]\nbind = localhost:",
+                       ["[gunicorn] bind = 'localhost:'", "HOST:PORT"]),
+    "instance threads": ("[instance]\nthreads = many",
+                         ["[instance] threads = 'many'", "whole number"]),
+    "pipeline filter unknown here": (
+        "[instance]\npipeline = sentry zope",
+        ["[instance] pipeline", "'sentry'", "egg:DISTRIBUTION#ENTRY_POINT"]),
+}
+
+
+@pytest.fixture(scope="module")
+def guarded(new_buildout):
+    """An installed buildout that broken configurations must leave intact."""
+    base = f"""
+        [buildout]
+        extends = {REPO}/buildout.cfg
+        [instance]
+        http-address = 127.0.0.1:{free_port()}
+    """
+    buildout = new_buildout("guarded", base)
+    buildout.run()
+    buildout.base = buildout.path("buildout.cfg").read_text()
+    buildout.snapshot = {
+        path: path.read_bytes() for path in (
+            buildout.path("bin", "gunicorn-instance"),
+            buildout.path("parts", "gunicorn", "gunicorn.ini"))}
+    return buildout
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_bad_configuration_stops_buildout_with_a_clear_error(guarded, case):
+    section, expected = BROKEN[case]
+    guarded.path("buildout.cfg").write_text(guarded.base + "\n" + section + "\n")
+    result = guarded.run(check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Traceback" not in output, output
+    for fragment in expected:
+        assert fragment in output, output
+    for path, content in guarded.snapshot.items():
+        assert path.read_bytes() == content, f"{path} changed by a failed run"
+
+
+def _ipv6_loopback():
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def test_changing_http_address_moves_the_listening_address(new_buildout, servers, tmp_path):
+    buildout = new_buildout("moves", f"""
+        [buildout]
+        extends = {REPO}/buildout.cfg
+    """)
+    port = free_port()
+    forms = [  # (http-address, addresses to try)
+        (str(port), [f"127.0.0.1:{port}"]),
+        (f"127.0.0.1:{port + 1}", [f"127.0.0.1:{port + 1}"]),
+        (f"unix:{tmp_path}/zope.sock", [f"unix:{tmp_path}/zope.sock"]),
+        (f"127.0.0.1:{port + 2} 127.0.0.1:{port + 3}",
+         [f"127.0.0.1:{port + 2}", f"127.0.0.1:{port + 3}"]),
+    ]
+    assert _ipv6_loopback(), "this test needs the IPv6 loopback ::1"
+    forms.insert(2, (f"[::1]:{port + 4}", [f"[::1]:{port + 4}"]))
+    previous = []
+    for http_address, addresses in forms:
+        buildout.run(f"instance:http-address={http_address}")
+        server = servers([buildout.path("bin", "gunicorn-instance")], buildout.dir,
+                         name=f"gunicorn {http_address}")
+        for address in addresses:
+            assert wait_until_serving(server, address) == 200, http_address
+        for address in previous:
+            with pytest.raises(OSError):
+                request(address, timeout=2)
+        assert server.stop() == 0
+        previous = addresses

@@ -1,0 +1,77 @@
+"""Text in, gunicorn settings out: the conversions the recipe and the runtime share."""
+
+import pytest
+
+from plone.recipe.gunicorn import settings
+
+
+@pytest.mark.parametrize("http_address, binds", [
+    ("8080", ["0.0.0.0:8080"]),
+    ("127.0.0.1:8080", ["127.0.0.1:8080"]),
+    ("localhost:8080", ["localhost:8080"]),
+    ("[::1]:8080", ["[::1]:8080"]),
+    ("unix:/run/zope/zope.sock", ["unix:/run/zope/zope.sock"]),
+    ("127.0.0.1:8080 8081\n  [::1]:8082", ["127.0.0.1:8080", "0.0.0.0:8081", "[::1]:8082"]),
+])
+def test_bind_follows_the_instance_rules_for_http_address(http_address, binds):
+    assert settings.bind_from_http_address(http_address) == binds
+
+
+@pytest.mark.parametrize("http_address, complaint", [
+    ("", "names no address"),
+    ("127.0.0.1:", "is not an address"),
+    ("127.0.0.1:80a", "is not an address"),
+    ("127.0.0.1:70000", "out of range"),
+    ("0", "out of range"),
+    ("::1:8080", "is not an address"),
+    ("unix:", "no socket path"),
+])
+def test_malformed_http_address_is_refused(http_address, complaint):
+    with pytest.raises(ValueError, match=complaint):
+        settings.bind_from_http_address(http_address)
+
+
+@pytest.mark.parametrize("option, text, value", [
+    ("workers", "3", 3),
+    ("worker-class", "gthread", "gthread"),
+    ("worker_class", " sync ", "sync"),
+    ("preload-app", "false", "false"),
+    ("umask", "022", 0o22),
+    ("control-socket-mode", "0600", 0o600),
+    ("bind", "127.0.0.1:1 unix:/tmp/z.sock", ["127.0.0.1:1", "unix:/tmp/z.sock"]),
+    ("raw-env", "A=1\nB=two words", ["A=1", "B=two words"]),
+    ("forwarded-allow-ips", "127.0.0.1,::1", "127.0.0.1,::1"),
+    ("timeout", "120", 120),
+])
+def test_text_becomes_what_gunicorn_command_line_would_give(option, text, value):
+    assert settings.convert(option, text) == value
+
+
+@pytest.mark.parametrize("option, text, complaint", [
+    ("workers", "two", "expects a whole number for workers"),
+    ("workers", "-1", "must be positive"),
+    ("preload-app", "maybe", "expects true or false"),
+    ("forwarded-allow-ips", "not-an-ip", "rejects it for forwarded_allow_ips"),
+    ("post-fork", "mymodule.hook", "cannot be written as text"),
+    ("logconfig-dict", "{}", "cannot be written as text"),
+])
+def test_values_gunicorn_rejects_are_refused_with_a_reason(option, text, complaint):
+    with pytest.raises(settings.SettingError, match=complaint) as info:
+        settings.convert(option, text)
+    assert info.value.option == option and info.value.value == text
+
+
+def test_misspelt_setting_suggests_the_closest_name():
+    with pytest.raises(settings.SettingError, match="did you mean worker-class"):
+        settings.check_name("worker-clas")
+    with pytest.raises(settings.SettingError, match="no setting 'flux_capacitor'"):
+        settings.check_name("flux-capacitor")
+
+
+@pytest.mark.parametrize("option, text", [
+    ("bind", "127.0.0.1:1 [::1]:2"), ("workers", "4"), ("preload-app", "true"),
+    ("raw-env", "A=1\nB=2"), ("forwarded-allow-ips", "10.0.0.0/8,127.0.0.1"),
+])
+def test_text_form_reads_back_to_the_same_value(option, text):
+    value = settings.convert(option, text)
+    assert settings.convert(option, settings.to_text(settings.setting_name(option), value)) == value
