@@ -190,3 +190,21 @@ def wait_for_port(address, timeout=60):
         except OSError:
             time.sleep(0.2)
     pytest.fail(f"nothing listens on {address} after {timeout}s")
+
+
+_FIGURES = []
+
+
+@pytest.fixture
+def figures(request):
+    """Record a line of measured figures; all are printed at the end of the run."""
+    def record(line):
+        _FIGURES.append(f"{request.node.name}: {line}")
+    return record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _FIGURES:
+        terminalreporter.section("figures measured by the tests")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)

@@ -3,6 +3,7 @@
 import configparser
 import runpy
 import socket
+import sys
 
 import pytest
 
@@ -146,6 +147,15 @@ BROKEN = {
                        ["[gunicorn] bind = 'localhost:'", "HOST:PORT"]),
     "instance threads": ("[instance]\nthreads = many",
                          ["[instance] threads = 'many'", "whole number"]),
+    "several workers on a FileStorage": (
+        "[gunicorn]\nworkers = 2",
+        ["[gunicorn] workers = '2'", "FileStorage", "ZEO or RelStorage", "[instance]"]),
+    "preload on a FileStorage": (
+        "[gunicorn]\npreload-app = true",
+        ["[gunicorn] preload-app = 'true'", "set preload_app = false"]),
+    "preload on ZEO": (
+        "[gunicorn]\npreload_app = true\n[instance]\nzeo-client = on",
+        ["[gunicorn] preload_app = 'true'", "forked worker"]),
     "pipeline filter unknown here": (
         "[instance]\npipeline = sentry zope",
         ["[instance] pipeline", "'sentry'", "egg:DISTRIBUTION#ENTRY_POINT"]),
@@ -155,14 +165,16 @@ BROKEN = {
 @pytest.fixture(scope="module")
 def guarded(new_buildout):
     """An installed buildout that broken configurations must leave intact."""
+    address = f"127.0.0.1:{free_port()}"
     base = f"""
         [buildout]
         extends = {REPO}/buildout.cfg
         [instance]
-        http-address = 127.0.0.1:{free_port()}
+        http-address = {address}
     """
     buildout = new_buildout("guarded", base)
     buildout.run()
+    buildout.address = address
     buildout.base = buildout.path("buildout.cfg").read_text()
     buildout.snapshot = {
         path: path.read_bytes() for path in (
@@ -183,6 +195,22 @@ def test_bad_configuration_stops_buildout_with_a_clear_error(guarded, case):
         assert fragment in output, output
     for path, content in guarded.snapshot.items():
         assert path.read_bytes() == content, f"{path} changed by a failed run"
+
+
+def test_earlier_install_still_serves_after_the_failed_runs(guarded, servers):
+    server = servers([guarded.path("bin", "gunicorn-instance")], guarded.dir, name="guarded")
+    assert wait_until_serving(server, guarded.address) == 200
+    assert server.stop() == 0
+
+
+def test_windows_is_refused_before_anything_else(monkeypatch):
+    import zc.buildout
+    from plone.recipe.gunicorn.recipe import Recipe
+
+    # Windows cannot run here; only the platform check can be exercised.
+    monkeypatch.setattr(sys, "platform", "win32")
+    with pytest.raises(zc.buildout.UserError, match=r"\[gunicorn\] gunicorn runs on POSIX systems only"):
+        Recipe({}, "gunicorn", {})
 
 
 def _ipv6_loopback():

@@ -160,3 +160,35 @@ def run(*args):
     result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
+
+
+def test_bin_instance_pointed_at_the_ini_serves_from_fresh_workers(new_buildout, servers):
+    """``wsgi = <the gunicorn ini>`` in the instance part: ``bin/instance console``
+    loads Zope once in its own process, so that process gives way to a fresh
+    gunicorn master whose two workers each open their own ZEO connection."""
+    http, zeo = free_port(), free_port()
+    buildout = new_buildout("route", f"""
+        [buildout]
+        extends = {REPO}/gunicorn.cfg
+
+        [zeoserver]
+        zeo-address = 127.0.0.1:{zeo}
+
+        [instance]
+        http-address = 127.0.0.1:{http}
+        eggs =
+            Zope
+            plone.recipe.gunicorn
+        wsgi = ${{buildout:parts-directory}}/gunicorn/gunicorn.ini
+    """)
+    buildout.run()
+    address = f"127.0.0.1:{http}"
+    servers([buildout.path("bin", "zeoserver"), "fg"], buildout.dir, name="zeoserver")
+    wait_for_port(f"127.0.0.1:{zeo}")
+    instance = servers([buildout.path("bin", "instance"), "console"], buildout.dir, name="instance")
+    assert wait_until_serving(instance, address) == 200
+    statuses = load(address, ["/"] * 200)
+    assert statuses == [200] * 200
+    output = instance.output()
+    assert output.count("Booting worker with pid") == 2
+    assert output.count("Connected to storage") == 3  # runwsgi's own, then one per worker

@@ -69,7 +69,31 @@ class Recipe:
         self.accesslog = os.path.join(self.log_dir, f"{name}-access.log")
 
         self.settings = self._settings(gsettings, user_options, self._defaults(gsettings))
+        self._refuse_unsafe()
         self.pipeline = self._pipeline()
+
+    def _refuse_unsafe(self):
+        """Never fork after opening a database; never two processes on a FileStorage."""
+        from plone.recipe.gunicorn import preflight
+        from gunicorn.config import Config
+
+        cfg = Config()
+        for name in ("preload_app", "workers"):
+            if name in self.settings:
+                cfg.set(name, self.settings[name])
+        try:
+            preflight.check_database_safety(cfg, self.instance.shares_database)
+        except preflight.Refused as refused:
+            option = self._option_for("preload_app" if cfg.preload_app else "workers")
+            raise zc.buildout.UserError(
+                f"[{self.name}] {option} = {self.options[option].strip()!r}: {refused}"
+                + ("" if cfg.preload_app else
+                   f" (part [{self.instance.name}] uses a FileStorage)"))
+
+    def _option_for(self, setting):
+        from plone.recipe.gunicorn import settings as gsettings
+        return next(k for k in self.options if gsettings.setting_name(k) == setting
+                    and k not in RECIPE_OPTIONS)
 
     def _defaults(self, gsettings):
         """gunicorn settings for Zope where the part says nothing (option names)."""
@@ -202,7 +226,8 @@ class Recipe:
             self.buildout["buildout"]["executable"],
             self.buildout["buildout"]["bin-directory"],
             extra_paths=extra_paths,
-            arguments=f"{self.mode!r}, {self.options['config-file']!r}",
+            arguments=(f"{self.mode!r}, {self.options['config-file']!r}, "
+                       f"shared_database={self.instance.shares_database!r}"),
         )
 
 

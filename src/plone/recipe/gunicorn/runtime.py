@@ -23,13 +23,17 @@ import sys
 from gunicorn.app.pasterapp import has_logging_config
 from gunicorn.app.wsgiapp import WSGIApplication
 
-from plone.recipe.gunicorn import settings
+from plone.recipe.gunicorn import preflight, settings
 
 
-def main(mode, config, argv=None):
-    """Entry point of ``bin/<part>-instance``: serve in the foreground."""
+def main(mode, config, argv=None, shared_database=None, prog=None):
+    """Entry point of ``bin/<part>-instance``: serve in the foreground.
+
+    ``shared_database`` is False for a FileStorage instance (one process
+    only), True for ZEO or RelStorage, None when unknown.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
-    prog = os.path.basename(sys.argv[0])
+    prog = prog or os.path.basename(sys.argv[0])
     if mode == "ini":
         sys.argv = [prog, *argv]
         application = PasteApplication(config, prog=prog)
@@ -38,6 +42,14 @@ def main(mode, config, argv=None):
         application = WSGIApplication("%(prog)s [OPTIONS]", prog=prog)
     else:
         sys.exit(f"{prog}: unknown mode {mode!r}; expected ini or script")
+    cfg = application.cfg
+    try:
+        preflight.check_database_safety(cfg, shared_database)
+        if not (cfg.check_config or cfg.print_config):
+            preflight.check_pidfile(cfg)
+            preflight.check_binds(cfg)
+    except preflight.Refused as refused:
+        sys.exit(f"{prog}: {refused}")
     try:
         application.run()
     except Exception as exc:
@@ -95,7 +107,9 @@ def serve(app, global_conf, **local_conf):
     ini = os.path.abspath(global_conf["__file__"])
     path = os.pathsep.join(entry for entry in sys.path if entry)
     env = dict(os.environ, PYTHONPATH=path)
-    code = "import sys; from plone.recipe.gunicorn.runtime import main; main('ini', sys.argv[1], [])"
+    code = ("import sys; from plone.recipe.gunicorn.runtime import main; "
+            "main('ini', sys.argv[1], [], prog=sys.argv[2])")
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-c", code, ini], env)
+    prog = os.path.basename(sys.argv[0])
+    os.execve(sys.executable, [sys.executable, "-c", code, ini, prog], env)

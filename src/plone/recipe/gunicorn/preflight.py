@@ -1,0 +1,100 @@
+"""Checks made in the master before gunicorn starts: refuse, in one line, what
+would corrupt a database, hang, or fail later in a less clear way.
+
+Each check raises ``Refused`` with the sentence to print.
+"""
+
+import errno
+import os
+import socket
+
+
+class Refused(Exception):
+    """The server must not start; the message says why and what to do."""
+
+
+def check_database_safety(cfg, shared_database):
+    """Never fork after opening a database; never two processes on a FileStorage."""
+    if cfg.preload_app:
+        raise Refused(
+            "preload_app would open the Zope database in the gunicorn master and "
+            "share it with every forked worker; set preload_app = false")
+    if shared_database is False and cfg.workers > 1:
+        raise Refused(
+            f"{cfg.workers} workers on a FileStorage: one process must own a "
+            "FileStorage; use 1 worker, or serve the database through ZEO or RelStorage")
+
+
+def check_pidfile(cfg):
+    """A live pidfile means this server already runs; a stale one is removed."""
+    path = cfg.pidfile
+    if not path or not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        pid = 0
+    if pid and pid != os.getpid() and _is_gunicorn(pid):
+        raise Refused(f"already running as PID {pid} (pidfile {path}); stop it first")
+    # Left behind by a crash (or its pid now belongs to another program).
+    os.unlink(path)
+
+
+def _is_gunicorn(pid):
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        return exc.errno == errno.EPERM
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return True  # alive, and no /proc to say otherwise
+    return b"gunicorn" in cmdline or b"plone.recipe.gunicorn" in cmdline
+
+
+def check_binds(cfg):
+    """Each address to bind is free: one clear line instead of gunicorn's retries."""
+    if os.environ.get("LISTEN_FDS") or os.environ.get("GUNICORN_FD"):
+        return  # sockets inherited from systemd or from a re-executing master
+    for address in cfg.bind:
+        if address.startswith("unix:"):
+            _check_unix(address[len("unix:"):], address)
+        elif not address.startswith("fd://"):
+            _check_tcp(address)
+
+
+def _check_unix(path, address):
+    if not os.path.exists(path):
+        directory = os.path.dirname(path) or "."
+        if not os.path.isdir(directory):
+            raise Refused(f"cannot listen on {address}: directory {directory} does not exist")
+        return
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return  # a leftover socket file; gunicorn replaces it
+    raise Refused(f"{address} is in use by another server; stop it or change http-address or bind")
+
+
+def _check_tcp(address):
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (OSError, ValueError) as exc:
+        raise Refused(f"cannot listen on {address}: {exc}")
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        # As gunicorn binds: SO_REUSEADDR, so sockets in TIME_WAIT do not count.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise Refused(
+                    f"{address} is in use by another program; stop it or change "
+                    "http-address or bind") from None
+            raise Refused(f"cannot listen on {address}: {exc.strerror}") from None
