@@ -18,6 +18,7 @@ one host do it one after the other; the second finds the root in place.
 """
 
 import fcntl
+import os
 import shutil
 from contextlib import contextmanager
 from tempfile import SpooledTemporaryFile
@@ -41,6 +42,8 @@ def make_zope_app(global_conf, zope_conf, **local_conf):
     """PasteDeploy app factory: Zope's own ``make_wsgi_app``, one process at a time."""
     from Zope2.Startup.run import make_wsgi_app
 
+    if os.environ.get("PLONE_RECIPE_GUNICORN_DEBUG"):  # bin/<part>-instance debug
+        global_conf = {**global_conf, "debug_mode": "true"}
     with startup_lock(zope_conf):
         return RewindableInput(make_wsgi_app(global_conf, zope_conf))
 

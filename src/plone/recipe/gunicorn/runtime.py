@@ -16,40 +16,58 @@ settings (gunicorn's precedence: file, then GUNICORN_CMD_ARGS, then command
 line).
 """
 
+import ast
 import configparser
+import logging
 import os
 import sys
 
+from gunicorn import glogging
 from gunicorn.app.pasterapp import has_logging_config
 from gunicorn.app.wsgiapp import WSGIApplication
 
-from plone.recipe.gunicorn import preflight, settings
+from plone.recipe.gunicorn import control, preflight, settings
 
 
 def main(mode, config, argv=None, shared_database=None, prog=None):
-    """Entry point of ``bin/<part>-instance``: serve in the foreground.
+    """Entry point of ``bin/<part>-instance [VERB] [gunicorn options]``.
 
     ``shared_database`` is False for a FileStorage instance (one process
     only), True for ZEO or RelStorage, None when unknown.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = prog or os.path.basename(sys.argv[0])
-    if mode == "ini":
-        sys.argv = [prog, *argv]
-        application = PasteApplication(config, prog=prog)
-    elif mode == "script":
-        sys.argv = [prog, "-c", config, *argv]
-        application = WSGIApplication("%(prog)s [OPTIONS]", prog=prog)
-    else:
-        sys.exit(f"{prog}: unknown mode {mode!r}; expected ini or script")
+    verb, args = control.split_verb(argv)
+    if verb == "debug":
+        os.environ[control.DEBUG_ENV] = "1"
+    application = make_application(mode, config, control.gunicorn_args(verb, args), prog)
     cfg = application.cfg
+
+    if verb == "status":
+        sys.exit(control.status(cfg, prog))
+    if verb == "stop":
+        sys.exit(control.stop(cfg, prog))
+    if verb == "reload":
+        sys.exit(control.reload(cfg, prog))
+    if verb == "restart":
+        if control.stop(cfg, prog) != control.OK:
+            sys.exit(control.FAILED)
+        application = make_application(mode, config, control.gunicorn_args("start", args), prog)
+        verb, cfg = "start", application.cfg
+    if verb == "start" and control.master_pid(cfg):
+        print(f"{prog}: already running as PID {control.master_pid(cfg)}")
+        sys.exit(control.OK)  # LSB: starting a running service succeeds
     try:
         preflight.check_database_safety(cfg, shared_database)
+        if verb == "check":
+            sys.exit(control.check(application, prog))
         if not (cfg.check_config or cfg.print_config):
             preflight.check_pidfile(cfg)
             preflight.check_binds(cfg)
     except preflight.Refused as refused:
         sys.exit(f"{prog}: {refused}")
+    if verb == "start":
+        sys.exit(control.start(application, prog, log_hint=_log_hint(cfg)))
     try:
         application.run()
     except Exception as exc:
@@ -58,12 +76,48 @@ def main(mode, config, argv=None, shared_database=None, prog=None):
         sys.exit(f"{prog}: cannot start: {exc}")
 
 
+def make_application(mode, config, args, prog):
+    """The gunicorn application for a mode; reads the configuration, loads nothing."""
+    if mode == "ini":
+        sys.argv = [prog, *args]
+        application = PasteApplication(config, prog=prog)
+    elif mode == "script":
+        sys.argv = [prog, "-c", config, *args]
+        application = WSGIApplication("%(prog)s [VERB] [OPTIONS]", prog=prog)
+    else:
+        sys.exit(f"{prog}: unknown mode {mode!r}; expected ini or script")
+    if application.cfg.settings["logger_class"].get() == "gunicorn.glogging.Logger":
+        application.cfg.set("logger_class", Logger)
+    return application
+
+
+class Logger(glogging.Logger):
+    """gunicorn's logger, whose ``loglevel`` also rules the logging configuration
+    the recipe writes (Zope's event log): ``--log-level debug`` works."""
+
+    def setup(self, cfg):
+        super().setup(cfg)
+        level = self.LOG_LEVELS.get(cfg.loglevel.lower(), logging.INFO)
+        logging.getLogger().setLevel(level)
+        self.error_log.setLevel(level)
+
+
+def _log_hint(cfg):
+    """Where a daemon's start-up errors end up: the recipe's event log, if any."""
+    if cfg.logconfig:
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read(cfg.logconfig)
+        if parser.has_option("handler_eventlog", "args"):
+            return ast.literal_eval(parser["handler_eventlog"]["args"])[0]
+    return cfg.errorlog if cfg.errorlog != "-" else "the server's log"
+
+
 class PasteApplication(WSGIApplication):
     """gunicorn serving a PasteDeploy ini, settings from its ``[server:main]``."""
 
     def __init__(self, ini, prog=None):
         self.ini = os.path.abspath(ini)
-        super().__init__("%(prog)s [OPTIONS]", prog=prog)
+        super().__init__("%(prog)s [VERB] [OPTIONS]", prog=prog)
 
     def init(self, parser, opts, args):
         if not os.path.exists(self.ini):

@@ -1,0 +1,154 @@
+"""bin/<part>-instance verbs, against a real server: fg start stop restart reload status check debug."""
+
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import REPO, free_port, request, wait_until_serving
+
+
+@pytest.fixture(scope="module")
+def verbs(new_buildout):
+    address, script_address = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    buildout = new_buildout("verbs", f"""
+        [buildout]
+        extends = {REPO}/buildout.cfg
+        parts += gunicorn-script
+
+        [instance]
+        http-address = {address}
+
+        [gunicorn-script]
+        recipe = plone.recipe.gunicorn
+        mode = script
+        bind = {script_address}
+    """)
+    buildout.run()
+    buildout.addresses = {"gunicorn": address, "gunicorn-script": script_address}
+    return buildout
+
+
+def script(buildout, part, *args, timeout=120):
+    """Run ``bin/<part>-instance ARGS``; return (exit status, output)."""
+    result = subprocess.run([str(buildout.path("bin", f"{part}-instance")), *args],
+                            cwd=buildout.dir, capture_output=True, text=True,
+                            timeout=timeout, stdin=subprocess.DEVNULL)
+    return result.returncode, (result.stdout + result.stderr).strip()
+
+
+@pytest.fixture
+def cleanup(verbs):
+    """Stop whatever a verb test left running, also when it fails."""
+    yield
+    for part in verbs.addresses:
+        pidfile = verbs.path("var", f"{part}.pid")
+        if pidfile.exists():
+            try:
+                os.killpg(os.getpgid(int(pidfile.read_text())), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+
+
+def pid_of(buildout, part):
+    return int(buildout.path("var", f"{part}.pid").read_text())
+
+
+@pytest.mark.parametrize("part", ["gunicorn", "gunicorn-script"])
+def test_lifecycle_like_bin_instance(verbs, cleanup, part):
+    address = verbs.addresses[part]
+    assert script(verbs, part, "status") == (3, f"{part}-instance: not running")
+
+    status, out = script(verbs, part, "start")
+    assert status == 0, out
+    pid = pid_of(verbs, part)
+    assert out == f"{part}-instance: started, PID {pid}, listening on {address}"
+    assert request(address)[0] == 200
+
+    status, out = script(verbs, part, "status")
+    worker = int(re.search(r"1 workers \((\d+)\)", out)[1])
+    assert (status, out) == (0, f"{part}-instance: running as PID {pid}, 1 workers "
+                                f"({worker}), listening on {address}")
+    assert script(verbs, part, "start") == (0, f"{part}-instance: already running as PID {pid}")
+
+    assert script(verbs, part, "reload")[0] == 0
+    deadline = time.monotonic() + 30
+    while str(worker) in script(verbs, part, "status")[1] or "1 workers" not in script(verbs, part, "status")[1]:
+        assert time.monotonic() < deadline, "HUP did not replace the worker"
+        time.sleep(0.2)
+    assert pid_of(verbs, part) == pid  # same master, new worker
+    assert request(address)[0] == 200
+
+    status, out = script(verbs, part, "restart")
+    assert status == 0, out
+    assert pid_of(verbs, part) != pid
+    pid = pid_of(verbs, part)
+    assert out.splitlines()[-1].startswith(f"{part}-instance: started, PID {pid}")
+    assert request(address)[0] == 200
+
+    assert script(verbs, part, "stop") == (0, f"{part}-instance: stopped PID {pid}")
+    with pytest.raises(OSError):
+        request(address, timeout=2)
+    assert not verbs.path("var", f"{part}.pid").exists()
+    assert script(verbs, part, "stop") == (0, f"{part}-instance: not running")
+    assert script(verbs, part, "reload") == (7, f"{part}-instance: not running")
+    assert script(verbs, part, "status")[0] == 3
+
+
+def test_stop_fails_when_the_server_does_not_go(verbs, cleanup):
+    assert script(verbs, "gunicorn", "start")[0] == 0
+    pid = pid_of(verbs, "gunicorn")
+    os.kill(pid, signal.SIGSTOP)  # a master that cannot act on TERM
+    try:
+        status, out = script(verbs, "gunicorn", "stop", "--graceful-timeout", "1")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert status == 1
+    assert out == f"gunicorn-instance: PID {pid} still runs 11s after TERM; stop it with: kill -QUIT {pid}"
+    deadline = time.monotonic() + 30  # the pending TERM now stops it
+    while os.path.exists(f"/proc/{pid}"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_check_loads_the_application_without_serving(verbs):
+    status, out = script(verbs, "gunicorn", "check", "--threads", "2")
+    assert status == 0, out
+    assert out.endswith("configuration and application OK: 1 workers (gthread, 2 threads), "
+                        f"binds {verbs.addresses['gunicorn']}")
+    with pytest.raises(OSError):
+        request(verbs.addresses["gunicorn"], timeout=2)
+
+
+def test_check_reports_an_application_that_does_not_load(verbs):
+    zope_conf = verbs.path("parts", "instance", "etc", "zope.conf")
+    good = zope_conf.read_text()
+    zope_conf.write_text(good + "\nno-such-directive on\n")
+    try:
+        status, out = script(verbs, "gunicorn-script", "check")
+    finally:
+        zope_conf.write_text(good)
+    assert status == 1
+    assert "no-such-directive" in out
+    assert out.splitlines()[-1] == "gunicorn-script-instance: the application does not load (see above)"
+
+
+def test_debug_runs_one_worker_with_code_reload(verbs, servers):
+    address = verbs.addresses["gunicorn-script"]
+    server = servers([verbs.path("bin", "gunicorn-script-instance"), "debug"], verbs.dir,
+                     name="debug")
+    assert wait_until_serving(server, address) == 200
+    [worker] = server.workers()
+    assert " DEBUG " in server.output()  # --log-level debug reaches the logging configuration
+    app_module = verbs.path("parts", "gunicorn-script", "gunicornapp.py")
+    time.sleep(1.5)
+    app_module.touch()  # code changed: the reloader replaces the worker
+    deadline = time.monotonic() + 30
+    while server.workers() in ([worker], []):
+        assert time.monotonic() < deadline, server.output()
+        time.sleep(0.2)
+    assert wait_until_serving(server, address) == 200
+    assert server.stop() == 0
