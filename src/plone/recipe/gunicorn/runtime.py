@@ -80,15 +80,20 @@ def make_application(mode, config, args, prog):
     """The gunicorn application for a mode; reads the configuration, loads nothing."""
     if mode == "ini":
         sys.argv = [prog, *args]
-        application = PasteApplication(config, prog=prog)
-    elif mode == "script":
+        return PasteApplication(config, prog=prog)
+    if mode == "script":
         sys.argv = [prog, "-c", config, *args]
-        application = WSGIApplication("%(prog)s [VERB] [OPTIONS]", prog=prog)
-    else:
-        sys.exit(f"{prog}: unknown mode {mode!r}; expected ini or script")
-    if application.cfg.settings["logger_class"].get() == "gunicorn.glogging.Logger":
-        application.cfg.set("logger_class", Logger)
-    return application
+        return ScriptApplication("%(prog)s [VERB] [OPTIONS]", prog=prog)
+    sys.exit(f"{prog}: unknown mode {mode!r}; expected ini or script")
+
+
+class ZopeDefaults:
+    """Defaults of the recipe's applications, set anew at every (re)load of the
+    configuration; the configuration itself may still override them."""
+
+    def load_default_config(self):
+        super().load_default_config()
+        self.cfg.set("logger_class", Logger)
 
 
 class Logger(glogging.Logger):
@@ -112,7 +117,11 @@ def _log_hint(cfg):
     return cfg.errorlog if cfg.errorlog != "-" else "the server's log"
 
 
-class PasteApplication(WSGIApplication):
+class ScriptApplication(ZopeDefaults, WSGIApplication):
+    """gunicorn's command line, with the recipe's ``-c gunicorn.conf.py``."""
+
+
+class PasteApplication(ZopeDefaults, WSGIApplication):
     """gunicorn serving a PasteDeploy ini, settings from its ``[server:main]``."""
 
     def __init__(self, ini, prog=None):
