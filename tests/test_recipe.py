@@ -159,6 +159,28 @@ BROKEN = {
     "pipeline filter unknown here": (
         "[instance]\npipeline = sentry zope",
         ["[instance] pipeline", "'sentry'", "egg:DISTRIBUTION#ENTRY_POINT"]),
+    "service file switch not a switch": (
+        "[gunicorn]\nsystemd-unit = maybe",
+        ["[gunicorn] systemd-unit = 'maybe'", "write true or false"]),
+    "logrotate not a switch": (
+        "[gunicorn]\nlogrotate = weekly",
+        ["[gunicorn] logrotate = 'weekly'", "write true or false"]),
+    "systemd socket without the unit": (
+        "[gunicorn]\nsystemd-socket = true",
+        ["[gunicorn] systemd-socket = 'true'", "set systemd-unit = true"]),
+    "systemd user not a name": (
+        "[gunicorn]\nsystemd-unit = true\nsystemd-user = zope admin",
+        ["[gunicorn] systemd-user = 'zope admin'", "not a user or group name"]),
+    "systemd socket on a host name": (
+        "[gunicorn]\nsystemd-unit = on\nsystemd-socket = on\nbind = localhost:8080",
+        ["[gunicorn] systemd-socket = 'on'", "localhost:8080", "IP addresses"]),
+    "daemon under supervisor": (
+        "[gunicorn]\nsupervisor = true\ndaemon = true",
+        ["[gunicorn] daemon = 'true'", "supervisor runs the server in the foreground",
+         "set daemon = false"]),
+    "daemon under systemd": (
+        "[gunicorn]\nsystemd-unit = true\ndaemon = True",
+        ["[gunicorn] daemon = 'True'", "systemd runs the server in the foreground"]),
 }
 
 

@@ -7,6 +7,7 @@ returns every path it created.
 """
 
 import os
+import re
 import shutil
 import sys
 
@@ -21,14 +22,21 @@ MODES = ("ini", "script")
 # Options that belong to the recipe; every other option is a gunicorn setting.
 RECIPE_OPTIONS = frozenset({
     "recipe", "instance", "mode", "script-name", "var", "eggs", "extra-paths",
+    "systemd-unit", "systemd-socket", "systemd-user", "systemd-group",
+    "logrotate", "supervisor",
     # written by the recipe or by zc.recipe.egg, for other parts to read
     "location", "config-file", "script", "executable",
+    "systemd-unit-file", "systemd-socket-file", "logrotate-file", "supervisor-file",
     "eggs-directory", "develop-eggs-directory", "_e", "_d", "_b",
     "find-links", "index",
 })
 
 # Filters the generated ini defines; other pipeline entries must be egg: URIs.
 KNOWN_FILTERS = ("translogger", "zope")
+
+# Switches, written as plone.recipe.zope2instance reads its own.
+TRUE = ("on", "true", "yes", "1")
+FALSE = ("off", "false", "no", "0")
 
 
 class Recipe:
@@ -71,6 +79,7 @@ class Recipe:
         self.settings = self._settings(gsettings, user_options, self._defaults(gsettings))
         self._refuse_unsafe()
         self.pipeline = self._pipeline()
+        self.service_files = self._service_files()
 
     def _refuse_unsafe(self):
         """Never fork after opening a database; never two processes on a FileStorage."""
@@ -157,6 +166,62 @@ class Recipe:
                         f"[{self.name}] {given['bind']} = {self.options[given['bind']]!r}: {exc}")
         return result
 
+    def _service_files(self):
+        """The optional files that run the part as a service: {option: file name}.
+
+        Their paths become options (``systemd-unit-file`` ...) for other parts.
+        """
+        from gunicorn.config import Config
+        from plone.recipe.gunicorn import render
+
+        name, options = self.name, self.options
+        unit, socket, logrotate, supervisor = (
+            _switch(name, options, option)
+            for option in ("systemd-unit", "systemd-socket", "logrotate", "supervisor"))
+        self.systemd_user = _account(name, options, "systemd-user")
+        self.systemd_group = _account(name, options, "systemd-group")
+        for option, value in (("systemd-socket", socket), ("systemd-user", self.systemd_user),
+                              ("systemd-group", self.systemd_group)):
+            if value and not unit:
+                raise zc.buildout.UserError(
+                    f"[{name}] {option} = {options[option].strip()!r}: it belongs to the "
+                    "systemd unit; set systemd-unit = true too")
+        if (unit or supervisor) and self.settings.get("daemon"):
+            option = self._option_for("daemon")
+            manager = "systemd" if unit else "supervisor"
+            raise zc.buildout.UserError(
+                f"[{name}] {option} = {options[option].strip()!r}: {manager} runs the "
+                "server in the foreground, and a server that daemonizes looks to it as if "
+                "it had exited; set daemon = false (bin/<part>-instance start "
+                "daemonizes by itself)")
+        if logrotate and not self.settings.get("pidfile"):
+            raise zc.buildout.UserError(
+                f"[{name}] logrotate = {options['logrotate'].strip()!r}: the rotation "
+                "signals the server through its pid file; give pidfile a path")
+
+        self.graceful_timeout = self.settings.get("graceful_timeout", Config().graceful_timeout)
+        self.listen = []
+        if socket:
+            try:
+                self.listen = render.listen_streams(
+                    self.settings["bind"], self.buildout["buildout"]["directory"])
+            except ValueError as exc:
+                raise zc.buildout.UserError(
+                    f"[{name}] systemd-socket = {options['systemd-socket'].strip()!r}: {exc}")
+
+        files = {}
+        if unit:
+            files["systemd-unit"] = f"{name}.service"
+        if socket:
+            files["systemd-socket"] = f"{name}.socket"
+        if logrotate:
+            files["logrotate"] = "logrotate.conf"
+        if supervisor:
+            files["supervisor"] = "supervisor.conf"
+        for option, filename in files.items():
+            options[f"{option}-file"] = os.path.join(self.location, filename)
+        return files
+
     def _pipeline(self):
         pipeline = list(self.instance.pipeline)
         for entry in pipeline:
@@ -192,6 +257,23 @@ class Recipe:
             user_config = server_settings.pop("config", None)
             rendered = render.script_mode(context, server_settings, user_config)
 
+        service = dict(
+            context,
+            script_path=self.script,
+            directory=self.buildout["buildout"]["directory"],
+            var=self.options["var"],
+            pidfile=self.settings.get("pidfile"),
+            graceful_timeout=self.graceful_timeout,
+        )
+        if "systemd-unit" in self.service_files:
+            rendered.update(render.systemd_unit(
+                service, self.listen, self.systemd_user, self.systemd_group))
+        if "logrotate" in self.service_files:
+            rendered.update(render.logrotate(service))
+        if "supervisor" in self.service_files:
+            rendered.update(render.supervisor(service))
+        service_paths = [self.options[f"{option}-file"] for option in self.service_files]
+
         # Resolve eggs before writing anything: a missing egg fails here.
         working_set = self._working_set()
 
@@ -206,7 +288,7 @@ class Recipe:
             if created_location:
                 shutil.rmtree(self.location, ignore_errors=True)
             raise
-        return [self.location, *scripts]
+        return [self.location, *service_paths, *scripts]
 
     update = install
 
@@ -229,6 +311,30 @@ class Recipe:
             arguments=(f"{self.mode!r}, {self.options['config-file']!r}, "
                        f"shared_database={self.instance.shares_database!r}"),
         )
+
+
+def _switch(part, options, option):
+    """A true/false option (also on/off, yes/no, 1/0); false when not given."""
+    value = options.get(option, "").strip()
+    if value.lower() in TRUE:
+        return True
+    if not value or value.lower() in FALSE:
+        return False
+    raise zc.buildout.UserError(
+        f"[{part}] {option} = {value!r}: not a switch; write true or false (or on, off)")
+
+
+_ACCOUNT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\$?")
+
+
+def _account(part, options, option):
+    """A user or group name for the systemd unit, or ''."""
+    value = options.get(option, "").strip()
+    if value and not _ACCOUNT.fullmatch(value):
+        raise zc.buildout.UserError(
+            f"[{part}] {option} = {value!r}: not a user or group name; write one "
+            "name, like plone, or a number")
+    return value
 
 
 def _write(path, text):
