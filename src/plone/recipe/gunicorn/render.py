@@ -61,7 +61,7 @@ def ini_mode(context, server_settings, pipeline):
 
 def script_mode(context, server_settings, user_config=None):
     """``gunicornapp.py``, ``gunicorn.conf.py`` and the ``logging.ini`` it names."""
-    lines = [f"{name} = {_literal(value)}" for name, value in sorted(server_settings.items())]
+    lines = [f"{name} = {pprint.pformat(value)}" for name, value in sorted(server_settings.items())]
     if user_config:
         lines += [
             "",
@@ -80,10 +80,6 @@ def script_mode(context, server_settings, user_config=None):
     compile(app, "gunicornapp.py", "exec")
     logging = logging_ini(context["eventlog"], context["accesslog"], context["loglevel"], "INFO")
     return {"gunicorn.conf.py": conf, "gunicornapp.py": app, "logging.ini": logging}
-
-
-def _literal(value):
-    return pprint.pformat(value)
 
 
 # Files that run the part as a service ------------------------------------
