@@ -90,6 +90,8 @@ def test_lifecycle_like_bin_instance(verbs, cleanup, part):
     assert request(address)[0] == 200
 
     assert script(verbs, part, "stop") == (0, f"{part}-instance: stopped PID {pid}")
+    log = verbs.path("var", "log", f"{part}.log").read_text()
+    assert "ERROR" not in log and "exited with code" not in log, log
     with pytest.raises(OSError):
         request(address, timeout=2)
     assert not verbs.path("var", f"{part}.pid").exists()

@@ -126,10 +126,10 @@ def start(application, prog, log_hint, timeout=120):
         return FAILED
     child = os.fork()
     if child == 0:  # becomes the daemon: gunicorn forks twice and detaches
-        try:
-            application.run()
-        finally:
-            os._exit(FAILED)
+        # The master and its workers all come out of this call; each ends
+        # with its own SystemExit, which must keep its exit status.
+        application.run()
+        os._exit(OK)
     os.waitpid(child, 0)
     began = time.monotonic()
     while time.monotonic() - began < timeout:
