@@ -6,7 +6,7 @@ TESTVENV := .venv-test
 BUILDOUT := $(VENV)/bin/buildout
 CONFIG ?= buildout.cfg
 
-.PHONY: run build test clean
+.PHONY: run build test test-plone clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ $(TESTVENV)/.installed: requirements-test.txt
 
 test: $(VENV)/.installed $(TESTVENV)/.installed
 	$(TESTVENV)/bin/pytest $(PYTEST_ARGS)
+
+# Plone 6.2 from plone.cfg: a site over ZEO served by two workers (slow: Plone's eggs).
+test-plone: $(VENV)/.installed $(TESTVENV)/.installed
+	$(TESTVENV)/bin/pytest -m plone tests/test_plone.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(TESTVENV) bin parts develop-eggs .installed.cfg src/*.egg-info
