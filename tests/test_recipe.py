@@ -249,16 +249,15 @@ def test_changing_http_address_moves_the_listening_address(new_buildout, servers
         [buildout]
         extends = {REPO}/buildout.cfg
     """)
-    port = free_port()
+    p = [free_port() for _ in range(5)]  # each one free now, not merely neighbours
     forms = [  # (http-address, addresses to try)
-        (str(port), [f"127.0.0.1:{port}"]),
-        (f"127.0.0.1:{port + 1}", [f"127.0.0.1:{port + 1}"]),
+        (str(p[0]), [f"127.0.0.1:{p[0]}"]),
+        (f"127.0.0.1:{p[1]}", [f"127.0.0.1:{p[1]}"]),
         (f"unix:{tmp_path}/zope.sock", [f"unix:{tmp_path}/zope.sock"]),
-        (f"127.0.0.1:{port + 2} 127.0.0.1:{port + 3}",
-         [f"127.0.0.1:{port + 2}", f"127.0.0.1:{port + 3}"]),
+        (f"127.0.0.1:{p[2]} 127.0.0.1:{p[3]}", [f"127.0.0.1:{p[2]}", f"127.0.0.1:{p[3]}"]),
     ]
     assert _ipv6_loopback(), "this test needs the IPv6 loopback ::1"
-    forms.insert(2, (f"[::1]:{port + 4}", [f"[::1]:{port + 4}"]))
+    forms.insert(2, (f"[::1]:{p[4]}", [f"[::1]:{p[4]}"]))
     previous = []
     for http_address, addresses in forms:
         buildout.run(f"instance:http-address={http_address}")
