@@ -6,7 +6,7 @@ TESTVENV := .venv-test
 BUILDOUT := $(VENV)/bin/buildout
 CONFIG ?= buildout.cfg
 
-.PHONY: run build test test-plone clean
+.PHONY: run build test test-plone bench clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ test: $(VENV)/.installed $(TESTVENV)/.installed
 # Plone 6.2 from plone.cfg: a site over ZEO served by two workers (slow: Plone's eggs).
 test-plone: $(VENV)/.installed $(TESTVENV)/.installed
 	$(TESTVENV)/bin/pytest -m plone tests/test_plone.py $(PYTEST_ARGS)
+
+# gunicorn against waitress, bjoern and the limits, Zope over ZEO (docs/benchmarks.rst).
+# BENCH_ARGS=--quick: a short smoke run; BENCH_ARGS=--zope-criteria: Zope's own test.
+bench: $(VENV)/.installed
+	$(VENV)/bin/python benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(TESTVENV) bin parts develop-eggs .installed.cfg src/*.egg-info

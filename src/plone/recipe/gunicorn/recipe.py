@@ -123,11 +123,21 @@ class Recipe:
             "forwarded-allow-ips": "127.0.0.1,::1",
             "pidfile": os.path.join(var, f"{name}.pid"),
             "proc-name": name,
-            "threads": str(threads),
-            "worker-class": "gthread" if threads > 1 else "sync",
-            # A FileStorage belongs to one process; a shared database can use
-            # every core of this host.
-            "workers": str(os.cpu_count() or 1) if instance.shares_database else "1",
+            # A shared database (ZEO, RelStorage): single-threaded (sync)
+            # workers, one per core and one more.  Zope is CPU-bound: processes
+            # share no GIL, and the kernel gives each new connection to a free
+            # worker.  gthread threads cost Zope more CPU per request, and a
+            # kept-alive connection stays with the worker that accepted it, so
+            # one worker may get all the load.  The extra worker answers fast
+            # requests while a slow one holds another.  (docs/benchmarks.rst)
+            # A FileStorage belongs to one process: the instance's threads give
+            # it concurrency, as they give waitress.
+            "threads": "1" if instance.shares_database else str(threads),
+            "worker-class": "sync" if instance.shares_database or threads == 1 else "gthread",
+            "workers": str((os.cpu_count() or 1) + 1) if instance.shares_database else "1",
+            # A sync worker still busy with one request after this many seconds
+            # is killed: gunicorn's 30 s would cut long ZMI operations short.
+            "timeout": "300",
         }
 
     def _settings(self, gsettings, user_options, defaults):
