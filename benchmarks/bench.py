@@ -67,6 +67,7 @@ CORES = os.cpu_count() or 1
 PATHS = {"root": ("/", None), "zmi": ("/manage_main", ADMIN)}
 SLOW_PAGE = "bench_slow"
 SLOW_SECONDS = 0.3
+NOISY = 0.10  # other programs' share of the CPU above which a run is flagged
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -1025,6 +1026,11 @@ def main():
             text += f"\nplot: {(RESULTS / f'{mode}.png').relative_to(REPO)}"
         checks = targets(result["servers"], result["compute"])
         verdict = [f"{'met    ' if ok else 'NOT MET'}  {line}" for line, ok in checks]
+        others = median_of([s["root"]["others_cpu"] for s in result["servers"].values() if "root" in s])
+        if others is not None and others > NOISY:
+            verdict.append(f"WARNING: other programs took {100 * others:.0f} % of the CPU during the "
+                           "runs (median of oth%): these ratios are not reliable; run again on a "
+                           "quiet machine")
         ratio = result["servers"].get("gunicorn-ini", {}).get("x_waitress")
     text += "\n\ntargets, default ZEO configuration (recipe defaults, ini mode):\n" + "\n".join(verdict)
     text += f"\n\ngunicorn/waitress throughput ratio: {fmt(ratio, '{:.2f}')}"
