@@ -47,6 +47,11 @@ def test_filestorage_instance_served_by_one_worker(filestorage, servers, part):
     assert status == 200 and b"Control_Panel" in body
     assert len(server.workers()) == 1  # a FileStorage belongs to one process
     assert server.stop() == 0
+    # Every request is in the part's access log once, with its status, as
+    # bin/instance logs them (the translogger in ini mode, gunicorn in script mode).
+    access = Path(filestorage.path("var", "log", f"{part}-access.log")).read_text()
+    assert access.count('"GET /manage_main HTTP/1.1" 401') == 1
+    assert access.count('"GET /manage_main HTTP/1.1" 200') == 1
 
 
 def cpu_ticks(pid):

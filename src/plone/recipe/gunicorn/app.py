@@ -18,6 +18,7 @@ one host do it one after the other; the second finds the root in place.
 """
 
 import fcntl
+import io
 import os
 import shutil
 from contextlib import contextmanager
@@ -58,8 +59,17 @@ class RewindableInput:
         stream = environ["wsgi.input"]
         seekable = getattr(stream, "seekable", None)
         if seekable is None or not seekable():
-            body = SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
-            shutil.copyfileobj(stream, body)
-            body.seek(0)
+            if has_body(environ):
+                body = SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
+                shutil.copyfileobj(stream, body)
+                body.seek(0)
+            else:  # most requests: GET, HEAD; no file to create and drop
+                body = io.BytesIO()
             environ["wsgi.input"] = body
         return self.app(environ, start_response)
+
+
+def has_body(environ):
+    """Whether a request may carry a body: a length above 0, or chunks."""
+    return (environ.get("CONTENT_LENGTH", "") not in ("", "0")
+            or "HTTP_TRANSFER_ENCODING" in environ)
