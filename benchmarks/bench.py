@@ -1,6 +1,6 @@
 """Zope over ZEO served by gunicorn, against waitress, bjoern and the limits.
 
-    make bench                              the full run (about 15 minutes)
+    make bench                              the full run (about 20 minutes)
     python3 benchmarks/bench.py --quick     short durations: development, smoke test
     python3 benchmarks/bench.py --zope-criteria
                                             Zope's own test: 100 connections, 100 s, "/"
