@@ -905,6 +905,30 @@ def targets(summaries, rounds):
     return checks
 
 
+def rounds_table(result):
+    """req/s on "/" of the target group, round by round: how much the machine drifted."""
+    servers, rounds = result["servers"], result["rounds"]
+    default = servers.get("gunicorn-ini")
+    keys = ["waitress", "gunicorn-ini", "bjoern"]
+    if default:
+        keys.append(f"hello-{default['worker_class']}-w{default['workers']}-t{default['threads']}")
+    count = result["timing"]["target_rounds"]
+    lines = [f"req/s on / in each round (the ratios are taken within a round):",
+             f"{'round':<40} " + " ".join(f"{r + 1:>6}" for r in range(count))]
+
+    def row(label, by_round):
+        lines.append(f"{label[:40]:<40} " + " ".join(
+            f"{fmt(by_round.get(r)):>6}" for r in range(count)))
+
+    for key in keys:
+        if key in servers:
+            row(servers[key]["label"], {r["round"]: r["paths"]["root"]["rps"]
+                                        for r in rounds[key] if "failed" not in r})
+    row("Zope in process, one core", {r["round"]: r["root"]["rps"]
+                                      for r in result.get("inprocess", [])})
+    return "\n".join(lines)
+
+
 def environment():
     def version(argv):
         try:
@@ -981,7 +1005,7 @@ def run_bench(procs, timing, mode, only=None, variants=()):
             "slow_page": {"path": f"/{SLOW_PAGE}?n={slow_n}", "target_ms": SLOW_SECONDS * 1000},
             "mixed_workload": {"fast_connections": FAST_CONNECTIONS, "fast_pause_ms": FAST_PAUSE_MS,
                                "slow_clients": SLOW_CLIENTS, "slow_pause_s": SLOW_PAUSE},
-            "compute": compute, "servers": summaries, "rounds": rounds}
+            "compute": compute, "servers": summaries, "rounds": rounds, "inprocess": inprocess}
 
 
 def target_group(servers):
@@ -1101,6 +1125,7 @@ def main():
         verdict = [f"failed requests, default gunicorn configuration: {g['failed']} (target 0)"]
     else:
         text = table(result["servers"], result["compute"])
+        text += "\n\n" + rounds_table(result)
         text += (f"\n\nslow page: {result['slow_page']['path']}; load average "
                  f"{' '.join(result['environment']['loadavg_start'])} at start, "
                  f"{' '.join(result['environment']['loadavg_end'])} at end")
