@@ -92,11 +92,12 @@ FULL = Timing(rounds=3, target_rounds=5, seconds=5, warmup=2, mixed=8, criteria=
 QUICK = Timing(rounds=1, target_rounds=1, seconds=2, warmup=1, mixed=3, criteria=5)
 
 # What the targets compare, measured back to back at the start of every round:
-# the default configuration and its comparators.  A ratio is taken within
+# the default configuration and its comparators, then the hello-world app with
+# the default's workers and Zope in process.  A ratio is taken within
 # each round and the median of those is reported, so that a change of the
 # machine's speed between rounds (common on a shared machine: the same
 # server's rounds differ by up to 2x) cancels out of the ratios.
-TARGET_GROUP = ("waitress", "gunicorn-ini", "bjoern", "HELLO-DEFAULT", "INPROCESS")
+TARGET_GROUP = ("waitress", "gunicorn-ini", "bjoern")
 
 # The mixed workload: fast requests on FAST_CONNECTIONS connections, each
 # pausing FAST_PAUSE_MS after an answer (a steady load every server can
@@ -545,8 +546,10 @@ def variant(text):
 
 
 def ceiling_key(server):
-    """The key of the hello-world server with a Zope server's worker shape."""
-    return f"hello-{server.worker_class}-w{server.workers}-t{server.threads}"
+    """The key of the hello-world server with a Zope server's worker shape
+    (a Server, or its summary)."""
+    shape = server if isinstance(server, dict) else server.__dict__
+    return f"hello-{shape['worker_class']}-w{shape['workers']}-t{shape['threads']}"
 
 
 def hello_servers(zope):
@@ -909,9 +912,9 @@ def rounds_table(result):
     """req/s on "/" of the target group, round by round: how much the machine drifted."""
     servers, rounds = result["servers"], result["rounds"]
     default = servers.get("gunicorn-ini")
-    keys = ["waitress", "gunicorn-ini", "bjoern"]
+    keys = list(TARGET_GROUP)
     if default:
-        keys.append(f"hello-{default['worker_class']}-w{default['workers']}-t{default['threads']}")
+        keys.append(ceiling_key(default))
     count = result["timing"]["target_rounds"]
     lines = [f"req/s on / in each round (the ratios are taken within a round):",
              f"{'round':<40} " + " ".join(f"{r + 1:>6}" for r in range(count))]
@@ -1009,19 +1012,12 @@ def run_bench(procs, timing, mode, only=None, variants=()):
 
 
 def target_group(servers):
-    """The servers of TARGET_GROUP present in this run; None stands for Zope in process."""
+    """The servers the targets compare, in order; None stands for Zope in process."""
     by_key = {s.key: s for s in servers}
-    default = by_key.get("gunicorn-ini")
-    group = []
-    for key in TARGET_GROUP:
-        if key == "INPROCESS":
-            group.append(None)
-        elif key == "HELLO-DEFAULT":
-            if default:
-                group.append(by_key.get(ceiling_key(default)))
-        else:
-            group.append(by_key.get(key))
-    return [s for s in group if s is not None] + ([None] if None in group else [])
+    keys = [k for k in TARGET_GROUP if k in by_key]
+    if "gunicorn-ini" in by_key:
+        keys.append(ceiling_key(by_key["gunicorn-ini"]))
+    return [by_key[k] for k in keys if k in by_key] + [None]
 
 
 def rotated(steps, r):
