@@ -696,7 +696,7 @@ def compute_limit(samples):
     result = {}
     for name in PATHS:
         rates = [sample[name]["rps"] for sample in samples]
-        result[name] = {"rps_rounds": rates, "per_core": statistics.median(rates),
+        result[name] = {"per_core": statistics.median(rates),
                         "limit": statistics.median(rates) * CORES,
                         "cpu_ms_per_request": statistics.median(
                             sample[name]["cpu_ms_per_request"] for sample in samples)}
@@ -759,7 +759,6 @@ def summarise(server, rounds):
             "cpu_ms_per_request": median_of([r["cpu_ms_per_request"] for r in runs]),
             "others_cpu": median_of([r["others_cpu"] for r in runs]),
             "requests": sum(r["requests"] for r in runs),
-            "rps_rounds": [r["rps"] for r in runs],
         }
     errors = sum(summary[name]["errors"] for name in ok[0]["paths"])
     if "mixed" in ok[0]:
@@ -767,7 +766,6 @@ def summarise(server, rounds):
             "fast_rps": median_of([r["mixed"]["fast"]["rps"] for r in ok]),
             "fast_p50_ms": median_of([r["mixed"]["fast"]["p50_ms"] for r in ok]),
             "fast_p99_ms": median_of([r["mixed"]["fast"]["p99_ms"] for r in ok]),
-            "fast_p99_ms_rounds": [r["mixed"]["fast"]["p99_ms"] for r in ok],
             "slow_p50_ms": median_of([r["mixed"]["slow"]["p50_ms"] for r in ok]),
             "slow_count": sum(r["mixed"]["slow"]["count"] for r in ok),
             "errors": sum(r["mixed"]["fast"]["errors"] + r["mixed"]["slow"]["errors"] for r in ok),
@@ -775,7 +773,6 @@ def summarise(server, rounds):
         errors += summary["mixed"]["errors"]
     summary["errors"] = errors + len(summary["failures"])
     summary["startup_s"] = median_of([r["startup_s"] for r in ok])
-    summary["startup_s_rounds"] = [r["startup_s"] for r in ok]
     per_worker = [statistics.mean(r["rss_kb"]) / 1024 for r in ok if r["rss_kb"] and None not in r["rss_kb"]]
     summary["rss_mb_per_worker"] = median_of(per_worker)
     summary["master_rss_mb"] = median_of([r["master_rss_kb"] / 1024 for r in ok if r.get("master_rss_kb")])

@@ -117,24 +117,28 @@ class Recipe:
         except ValueError:
             raise zc.buildout.UserError(
                 f"[{instance.name}] threads = {instance.threads!r}: not a whole number")
+        if instance.shares_database:
+            # ZEO, RelStorage: single-threaded (sync) workers, one per core and
+            # one more.  Zope is CPU-bound: processes share no GIL, and the
+            # kernel gives each new connection to a free worker.  gthread
+            # threads cost Zope more CPU per request, and a kept-alive
+            # connection stays with the worker that accepted it, so one worker
+            # may get all the load.  The extra worker answers fast requests
+            # while a slow one holds another.  (docs/benchmarks.rst)
+            workers, threads = (os.cpu_count() or 1) + 1, 1
+        else:
+            # A FileStorage belongs to one process: the instance's threads
+            # give it concurrency, as they give waitress.
+            workers = 1
         return {
             "bind": "\n".join(bind),
             "control-socket": os.path.join(var, f"{name}.ctl"),
             "forwarded-allow-ips": "127.0.0.1,::1",
             "pidfile": os.path.join(var, f"{name}.pid"),
             "proc-name": name,
-            # A shared database (ZEO, RelStorage): single-threaded (sync)
-            # workers, one per core and one more.  Zope is CPU-bound: processes
-            # share no GIL, and the kernel gives each new connection to a free
-            # worker.  gthread threads cost Zope more CPU per request, and a
-            # kept-alive connection stays with the worker that accepted it, so
-            # one worker may get all the load.  The extra worker answers fast
-            # requests while a slow one holds another.  (docs/benchmarks.rst)
-            # A FileStorage belongs to one process: the instance's threads give
-            # it concurrency, as they give waitress.
-            "threads": "1" if instance.shares_database else str(threads),
-            "worker-class": "sync" if instance.shares_database or threads == 1 else "gthread",
-            "workers": str((os.cpu_count() or 1) + 1) if instance.shares_database else "1",
+            "threads": str(threads),
+            "worker-class": "sync" if threads == 1 else "gthread",
+            "workers": str(workers),
             # A sync worker still busy with one request after this many seconds
             # is killed: gunicorn's 30 s would cut long ZMI operations short.
             "timeout": "300",
