@@ -1,6 +1,7 @@
 """End to end: the repository's own buildouts, a real Zope, ZEO server and gunicorn."""
 
 import json
+import re
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +50,7 @@ def test_filestorage_instance_served_by_one_worker(filestorage, servers, part):
     assert server.stop() == 0
     # Every request is in the part's access log once, with its status, as
     # bin/instance logs them (the translogger in ini mode, gunicorn in script mode).
-    access = Path(filestorage.path("var", "log", f"{part}-access.log")).read_text()
+    access = filestorage.path("var", "log", f"{part}-access.log").read_text()
     assert access.count('"GET /manage_main HTTP/1.1" 401') == 1
     assert access.count('"GET /manage_main HTTP/1.1" 200') == 1
 
@@ -195,5 +196,9 @@ def test_bin_instance_pointed_at_the_ini_serves_from_fresh_workers(new_buildout,
     statuses = load(address, ["/"] * 200)
     assert statuses == [200] * 200
     output = instance.output()
-    assert output.count("Booting worker with pid") == 2
-    assert output.count("Connected to storage") == 3  # runwsgi's own, then one per worker
+    workers = set(re.findall(r"Booting worker with pid: (\d+)", output))
+    assert len(workers) == 2
+    # Each worker opened its own ZEO connection.  (runwsgi's own connection is
+    # logged by its networking thread, which may lose the race with the exec.)
+    connected = set(re.findall(r"\[(\d+):[^]]*\] \S+ Connected to storage", output))
+    assert workers <= connected
