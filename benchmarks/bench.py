@@ -552,6 +552,13 @@ def ceiling_key(server):
     return f"hello-{shape['worker_class']}-w{shape['workers']}-t{shape['threads']}"
 
 
+def target_keys(default):
+    """Keys of the servers the targets compare: TARGET_GROUP, then the
+    hello-world app with the default's workers (``default``: a Server or its
+    summary, None when the run has no default)."""
+    return [*TARGET_GROUP, ceiling_key(default)] if default else list(TARGET_GROUP)
+
+
 def hello_servers(zope):
     """gunicorn serving hello.py, once for every worker shape the Zope servers use."""
     keepalive = gunicorn_settings("gunicorn-ini")["keepalive"]
@@ -908,19 +915,15 @@ def targets(summaries, rounds):
 def rounds_table(result):
     """req/s on "/" of the target group, round by round: how much the machine drifted."""
     servers, rounds = result["servers"], result["rounds"]
-    default = servers.get("gunicorn-ini")
-    keys = list(TARGET_GROUP)
-    if default:
-        keys.append(ceiling_key(default))
     count = result["timing"]["target_rounds"]
-    lines = [f"req/s on / in each round (the ratios are taken within a round):",
+    lines = ["req/s on / in each round (the ratios are taken within a round):",
              f"{'round':<40} " + " ".join(f"{r + 1:>6}" for r in range(count))]
 
     def row(label, by_round):
         lines.append(f"{label[:40]:<40} " + " ".join(
             f"{fmt(by_round.get(r)):>6}" for r in range(count)))
 
-    for key in keys:
+    for key in target_keys(servers.get("gunicorn-ini")):
         if key in servers:
             row(servers[key]["label"], {r["round"]: r["paths"]["root"]["rps"]
                                         for r in rounds[key] if "failed" not in r})
@@ -1011,10 +1014,7 @@ def run_bench(procs, timing, mode, only=None, variants=()):
 def target_group(servers):
     """The servers the targets compare, in order; None stands for Zope in process."""
     by_key = {s.key: s for s in servers}
-    keys = [k for k in TARGET_GROUP if k in by_key]
-    if "gunicorn-ini" in by_key:
-        keys.append(ceiling_key(by_key["gunicorn-ini"]))
-    return [by_key[k] for k in keys if k in by_key] + [None]
+    return [by_key[k] for k in target_keys(by_key.get("gunicorn-ini")) if k in by_key] + [None]
 
 
 def rotated(steps, r):
