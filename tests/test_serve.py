@@ -195,10 +195,17 @@ def test_bin_instance_pointed_at_the_ini_serves_from_fresh_workers(new_buildout,
     assert wait_until_serving(instance, address) == 200
     statuses = load(address, ["/"] * 200)
     assert statuses == [200] * 200
-    output = instance.output()
-    workers = set(re.findall(r"Booting worker with pid: (\d+)", output))
-    assert len(workers) == 2
-    # Each worker opened its own ZEO connection.  (runwsgi's own connection is
-    # logged by its networking thread, which may lose the race with the exec.)
-    connected = set(re.findall(r"\[(\d+):[^]]*\] \S+ Connected to storage", output))
-    assert workers <= connected
+    # Each worker opens its own ZEO connection.  The first worker up may have
+    # served all of the above while the second still starts: wait for both.
+    # (runwsgi's own connection is logged by its networking thread, which may
+    # lose the race with the exec: not asserted.)
+    deadline = time.monotonic() + 60
+    while True:
+        output = instance.output()
+        workers = set(re.findall(r"Booting worker with pid: (\d+)", output))
+        connected = set(re.findall(r"\[(\d+):[^]]*\] \S+ Connected to storage", output))
+        if len(workers) == 2 and workers <= connected or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(workers) == 2, output[-3000:]
+    assert workers <= connected, output[-3000:]
