@@ -111,6 +111,19 @@ class Server:
         self.log.close()
         return status
 
+    def wait_for_output(self, done, timeout):
+        """Wait until ``done(output)`` is true; fail with the output if the
+        server exits first or ``timeout`` seconds pass.  Returns the output."""
+        deadline = time.monotonic() + timeout
+        while not done(output := self.output()):
+            if not self.running():
+                pytest.fail(f"{self.name} exited with {self.proc.returncode}:\n{output[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"{self.name}: the awaited output did not appear in {timeout}s:\n"
+                            f"{output[-3000:]}")
+            time.sleep(0.2)
+        return output
+
     def workers(self):
         """pids of the gunicorn workers: children of this master."""
         children = Path(f"/proc/{self.pid}/task/{self.pid}/children")

@@ -61,10 +61,7 @@ def test_plone_site_over_zeo_served_by_two_workers(new_buildout, servers, figure
     gunicorn = servers([buildout.path("bin", "gunicorn-instance")], buildout.dir, name="gunicorn")
     assert wait_until_serving(gunicorn, address, timeout=300) == 200
     # Each worker loads Plone and opens its own ZEO connection, one after the other.
-    deadline = time.monotonic() + 300
-    while gunicorn.output().count("Ready to handle requests") < 2:
-        assert gunicorn.running() and time.monotonic() < deadline, gunicorn.output()
-        time.sleep(0.5)
+    gunicorn.wait_for_output(lambda out: out.count("Ready to handle requests") >= 2, 300)
     booted = time.monotonic() - began
     workers = gunicorn.workers()
     assert len(workers) == 2, gunicorn.output()

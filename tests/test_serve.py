@@ -2,7 +2,6 @@
 
 import json
 import re
-import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -96,11 +95,7 @@ def test_zeo_two_workers_from_an_empty_database(new_buildout, servers, config, m
     assert wait_until_serving(gunicorn, address) == 200
 
     # Both workers boot on the fresh database: neither dies creating the Zope root.
-    deadline = time.monotonic() + 30
-    while "Ready to handle requests" not in gunicorn.output() or \
-            gunicorn.output().count("Ready to handle requests") < 2:
-        assert time.monotonic() < deadline, gunicorn.output()
-        time.sleep(0.2)
+    gunicorn.wait_for_output(lambda out: out.count("Ready to handle requests") >= 2, 30)
     workers = gunicorn.workers()
     assert len(workers) == 2, gunicorn.output()
     assert "Worker failed to boot" not in gunicorn.output()
@@ -199,13 +194,11 @@ def test_bin_instance_pointed_at_the_ini_serves_from_fresh_workers(new_buildout,
     # served all of the above while the second still starts: wait for both.
     # (runwsgi's own connection is logged by its networking thread, which may
     # lose the race with the exec: not asserted.)
-    deadline = time.monotonic() + 60
-    while True:
-        output = instance.output()
-        workers = set(re.findall(r"Booting worker with pid: (\d+)", output))
-        connected = set(re.findall(r"\[(\d+):[^]]*\] \S+ Connected to storage", output))
-        if len(workers) == 2 and workers <= connected or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert len(workers) == 2, output[-3000:]
-    assert workers <= connected, output[-3000:]
+    def booted(output):
+        return set(re.findall(r"Booting worker with pid: (\d+)", output))
+
+    def connected(output):
+        return set(re.findall(r"\[(\d+):[^]]*\] \S+ Connected to storage", output))
+
+    instance.wait_for_output(
+        lambda out: len(booted(out)) == 2 and booted(out) <= connected(out), 60)
