@@ -194,11 +194,9 @@ def test_bin_instance_pointed_at_the_ini_serves_from_fresh_workers(new_buildout,
     # served all of the above while the second still starts: wait for both.
     # (runwsgi's own connection is logged by its networking thread, which may
     # lose the race with the exec: not asserted.)
-    def booted(output):
-        return set(re.findall(r"Booting worker with pid: (\d+)", output))
+    def both_workers_connected(output):
+        booted = set(re.findall(r"Booting worker with pid: (\d+)", output))
+        connected = set(re.findall(r"\[(\d+):[^]]*\] \S+ Connected to storage", output))
+        return len(booted) == 2 and booted <= connected
 
-    def connected(output):
-        return set(re.findall(r"\[(\d+):[^]]*\] \S+ Connected to storage", output))
-
-    instance.wait_for_output(
-        lambda out: len(booted(out)) == 2 and booted(out) <= connected(out), 60)
+    instance.wait_for_output(both_workers_connected, 60)
