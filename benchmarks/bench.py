@@ -46,12 +46,14 @@ import json
 import os
 import platform
 import resource
+import select
 import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -685,17 +687,68 @@ def mixed(seconds, slow_n, procs):
 
 
 def inprocess_round(timing):
-    """Zope's in-process publish rate on one core, per path: {path: {rps, cpu_ms_per_request}}."""
-    interpreter = WORK / "parts" / "instance" / "bin" / "interpreter"
-    zope_conf = WORK / "parts" / "instance" / "etc" / "zope.conf"
-    result = subprocess.run(
-        [str(interpreter), str(HERE / "inprocess.py"), str(zope_conf), str(timing.seconds)],
-        cwd=WORK, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
-        start_new_session=True)
-    line = next((l for l in result.stdout.splitlines() if l.startswith("INPROCESS-JSON ")), None)
-    if line is None:
-        raise BenchError(f"inprocess.py failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
-    return json.loads(line[len("INPROCESS-JSON "):])
+    """Zope's in-process publish rate, per path: {path: {rps, cpu_ms_per_request}}.
+
+    ``rps`` is one process alone, the rate on one core.  ``together`` adds up
+    the rates of one process per core publishing at the same time: whether
+    the cores reach the compute limit (cores x the one-core rate) together."""
+    alone = inprocess_processes(timing, 1)[0]
+    together = inprocess_processes(timing, CORES)
+    return {name: {**rates, "together": sum(p[name]["rps"] for p in together)}
+            for name, rates in alone.items()}
+
+
+def inprocess_processes(timing, count):
+    """Run inprocess.py in ``count`` processes that measure at the same moment."""
+    argv = [str(WORK / "parts" / "instance" / "bin" / "interpreter"), str(HERE / "inprocess.py"),
+            str(WORK / "parts" / "instance" / "etc" / "zope.conf"), str(timing.seconds), "--wait"]
+    children = []
+    try:
+        for _ in range(count):
+            errors = tempfile.TemporaryFile()
+            children.append(subprocess.Popen(
+                argv, cwd=WORK, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=errors, text=True, start_new_session=True))
+            children[-1].errors = errors
+        for proc in children:  # each one warm, then all of them go
+            wait_for_line(proc, "READY", timeout=120)
+        for proc in children:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        results = []
+        for proc in children:
+            stdout, _ = proc.communicate(timeout=300)
+            line = next((l for l in stdout.splitlines() if l.startswith("INPROCESS-JSON ")), None)
+            if line is None:
+                raise BenchError(f"inprocess.py failed:\n{stdout[-2000:]}\n{stderr_of(proc)}")
+            results.append(json.loads(line[len("INPROCESS-JSON "):]))
+        return results
+    finally:
+        for proc in children:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            proc.errors.close()
+
+
+def wait_for_line(proc, expected, timeout):
+    """Read ``proc``'s output up to the line ``expected`` (unbuffered: what
+    follows it stays for ``communicate``)."""
+    deadline, seen = time.monotonic() + timeout, b""
+    while not seen.endswith(f"{expected}\n".encode()):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
+            raise BenchError(f"inprocess.py printed no {expected} in {timeout} s:\n"
+                             f"{stderr_of(proc)}")
+        byte = os.read(proc.stdout.fileno(), 1)
+        if not byte:
+            raise BenchError(f"inprocess.py exited before {expected}:\n{stderr_of(proc)}")
+        seen += byte
+
+
+def stderr_of(proc):
+    proc.errors.seek(0)
+    return proc.errors.read()[-3000:].decode(errors="replace")
 
 
 def compute_limit(samples):
@@ -705,6 +758,7 @@ def compute_limit(samples):
         rates = [sample[name]["rps"] for sample in samples]
         result[name] = {"per_core": statistics.median(rates),
                         "limit": statistics.median(rates) * CORES,
+                        "together": median_of([sample[name].get("together") for sample in samples]),
                         "cpu_ms_per_request": statistics.median(
                             sample[name]["cpu_ms_per_request"] for sample in samples)}
     return result
@@ -856,6 +910,10 @@ def table(summaries, compute):
     lines.append(f"{'Zope in process, one thread':<40} {'(compute limit)':<19} "
                  f"{root['per_core']:>6.0f} {'':>6} {'':>6} {'':>4} {zmi['per_core']:>6.0f} "
                  f"{'':>6} {'':>6} {'':>5} {'':>5} {root['cpu_ms_per_request']:>6.2f}")
+    if root.get("together"):
+        lines.append(f"{f'Zope in process, {CORES} at once':<40} {f'{CORES} procs x 1 thr':<19} "
+                     f"{root['together']:>6.0f} {'':>6} {'':>6} {'':>4} "
+                     f"{fmt(zmi.get('together')):>6}")
     lines += ["",
               "req/s, p50, p99 (ms): wrk -c20 on /, median of the rounds. err: non-2xx answers and",
               "socket errors, all runs. ZMI: /manage_main with basic auth. mixp99: p99 (ms) of paced",
@@ -865,7 +923,9 @@ def table(summaries, compute):
               "xceil: over hello world with the same workers. %comp: share of the compute limit",
               f"(in-process rate on one core x {CORES} cores = {root['limit']:.0f} req/s). xwait, xceil",
               "and %comp are medians of the ratios within each round. oth%: CPU other programs on",
-              "this machine used meanwhile, share of all cores (noise)."]
+              "this machine used meanwhile, share of all cores (noise). Zope in process, at once:",
+              "one process per core publishing at the same time, their rates added up: whether",
+              "the cores reach the compute limit together."]
     return "\n".join(lines)
 
 
@@ -929,6 +989,8 @@ def rounds_table(result):
                                         for r in rounds[key] if "failed" not in r})
     row("Zope in process, one core", {r["round"]: r["root"]["rps"]
                                       for r in result.get("inprocess", [])})
+    row(f"Zope in process, {CORES} at once", {r["round"]: r["root"].get("together")
+                                             for r in result.get("inprocess", [])})
     return "\n".join(lines)
 
 

@@ -2,13 +2,18 @@
 
 Run by bench.py with the instance's interpreter, while the ZEO server runs:
 
-    parts/instance/bin/interpreter inprocess.py ZOPE_CONF SECONDS
+    parts/instance/bin/interpreter inprocess.py ZOPE_CONF SECONDS [--wait]
 
 Creates the Zope WSGI application as every server does, then calls it from
 one thread with a ready-made WSGI environ, as fast as it answers, for each
 path bench.py loads.  No socket, no parsing, no server: what one core can
 publish.  Prints one JSON line: per path, requests/s and the CPU time of
 one request.
+
+With ``--wait`` it prints ``READY`` once Zope is warm and measures only when
+a line arrives on stdin: bench.py starts one per core and lets them go at
+the same moment, to see whether the cores publish as fast together as
+alone.
 """
 
 import base64
@@ -74,9 +79,13 @@ def run(app, path, auth, seconds):
 def main():
     zope_conf, seconds = sys.argv[1], float(sys.argv[2])
     app = make_wsgi_app({}, zope_conf)
+    for path, auth in PATHS.values():
+        run(app, path, auth, 1.0)  # warm-up: caches, templates
+    if "--wait" in sys.argv[3:]:
+        print("READY", flush=True)
+        sys.stdin.readline()
     result = {}
     for name, (path, auth) in PATHS.items():
-        run(app, path, auth, 1.0)  # warm-up: caches, templates
         result[name] = run(app, path, auth, seconds)
     print("INPROCESS-JSON " + json.dumps(result), flush=True)
 
