@@ -759,6 +759,9 @@ def compute_limit(samples):
         result[name] = {"per_core": statistics.median(rates),
                         "limit": statistics.median(rates) * CORES,
                         "together": median_of([sample[name].get("together") for sample in samples]),
+                        "together_over_limit": median_of([
+                            sample[name]["together"] / (sample[name]["rps"] * CORES)
+                            for sample in samples if sample[name].get("together")]),
                         "cpu_ms_per_request": statistics.median(
                             sample[name]["cpu_ms_per_request"] for sample in samples)}
     return result
@@ -914,6 +917,9 @@ def table(summaries, compute):
         lines.append(f"{f'Zope in process, {CORES} at once':<40} {f'{CORES} procs x 1 thr':<19} "
                      f"{root['together']:>6.0f} {'':>6} {'':>6} {'':>4} "
                      f"{fmt(zmi.get('together')):>6}")
+    if root.get("together_over_limit"):
+        lines += ["", f"Zope in process on {CORES} cores at once: {root['together_over_limit']:.2f} "
+                      "of the compute limit (median of the ratios within each round)."]
     lines += ["",
               "req/s, p50, p99 (ms): wrk -c20 on /, median of the rounds. err: non-2xx answers and",
               "socket errors, all runs. ZMI: /manage_main with basic auth. mixp99: p99 (ms) of paced",
