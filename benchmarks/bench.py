@@ -46,14 +46,12 @@ import json
 import os
 import platform
 import resource
-import select
 import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -593,12 +591,17 @@ def start_server(procs, server, timeout=120):
             time.sleep(0.05)
     # Measure the steady state: wait until every worker has loaded its application.
     if server.ready_line:
-        while output(proc).count(server.ready_line) < server.workers:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise BenchError(f"{server.label}: not all {server.workers} workers came up:\n"
-                                 f"{output_tail(proc)}")
-            time.sleep(0.1)
+        wait_for_output(proc, server.ready_line, server.workers, deadline,
+                        f"{server.label}: not all {server.workers} workers came up")
     return proc, startup
+
+
+def wait_for_output(proc, text, count, deadline, failure):
+    """Wait until ``text`` is ``count`` times in the process's output."""
+    while output(proc).count(text) < count:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise BenchError(f"{failure}:\n{output_tail(proc)}")
+        time.sleep(0.1)
 
 
 def output(proc):
@@ -686,69 +689,41 @@ def mixed(seconds, slow_n, procs):
         "max_ms": max(latencies) if latencies else None}}
 
 
-def inprocess_round(timing):
+def inprocess_round(procs, timing):
     """Zope's in-process publish rate, per path: {path: {rps, cpu_ms_per_request}}.
 
     ``rps`` is one process alone, the rate on one core.  ``together`` adds up
     the rates of one process per core publishing at the same time: whether
     the cores reach the compute limit (cores x the one-core rate) together."""
-    alone = inprocess_processes(timing, 1)[0]
-    together = inprocess_processes(timing, CORES)
+    alone = inprocess_processes(procs, timing, 1)[0]
+    together = inprocess_processes(procs, timing, CORES)
     return {name: {**rates, "together": sum(p[name]["rps"] for p in together)}
             for name, rates in alone.items()}
 
 
-def inprocess_processes(timing, count):
+def inprocess_processes(procs, timing, count):
     """Run inprocess.py in ``count`` processes that measure at the same moment."""
-    argv = [str(WORK / "parts" / "instance" / "bin" / "interpreter"), str(HERE / "inprocess.py"),
-            str(WORK / "parts" / "instance" / "etc" / "zope.conf"), str(timing.seconds), "--wait"]
-    children = []
+    argv = [WORK / "parts" / "instance" / "bin" / "interpreter", HERE / "inprocess.py",
+            WORK / "parts" / "instance" / "etc" / "zope.conf", timing.seconds, "--wait"]
+    children = [procs.start(argv, f"inprocess-{i + 1}") for i in range(count)]
     try:
-        for _ in range(count):
-            errors = tempfile.TemporaryFile()
-            children.append(subprocess.Popen(
-                argv, cwd=WORK, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=errors, text=True, start_new_session=True))
-            children[-1].errors = errors
-        for proc in children:  # each one warm, then all of them go
-            wait_for_line(proc, "READY", timeout=120)
-        for proc in children:
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
+        deadline = time.monotonic() + 120
+        for child in children:  # each one warm, then all of them go
+            wait_for_output(child, "READY", 1, deadline, "inprocess.py did not get ready")
+        for child in children:
+            child.send_signal(signal.SIGUSR1)
         results = []
-        for proc in children:
-            stdout, _ = proc.communicate(timeout=300)
-            line = next((l for l in stdout.splitlines() if l.startswith("INPROCESS-JSON ")), None)
+        for child in children:
+            child.wait(300)
+            line = next((l for l in output(child).splitlines()
+                         if l.startswith("INPROCESS-JSON ")), None)
             if line is None:
-                raise BenchError(f"inprocess.py failed:\n{stdout[-2000:]}\n{stderr_of(proc)}")
+                raise BenchError(f"inprocess.py failed:\n{output_tail(child)}")
             results.append(json.loads(line[len("INPROCESS-JSON "):]))
         return results
     finally:
-        for proc in children:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            proc.errors.close()
-
-
-def wait_for_line(proc, expected, timeout):
-    """Read ``proc``'s output up to the line ``expected`` (unbuffered: what
-    follows it stays for ``communicate``)."""
-    deadline, seen = time.monotonic() + timeout, b""
-    while not seen.endswith(f"{expected}\n".encode()):
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
-            raise BenchError(f"inprocess.py printed no {expected} in {timeout} s:\n"
-                             f"{stderr_of(proc)}")
-        byte = os.read(proc.stdout.fileno(), 1)
-        if not byte:
-            raise BenchError(f"inprocess.py exited before {expected}:\n{stderr_of(proc)}")
-        seen += byte
-
-
-def stderr_of(proc):
-    proc.errors.seek(0)
-    return proc.errors.read()[-3000:].decode(errors="replace")
+        for child in children:
+            procs.stop(child)
 
 
 def compute_limit(samples):
@@ -1060,7 +1035,7 @@ def run_bench(procs, timing, mode, only=None, variants=()):
         for server in steps:
             if server is None:  # the in-process rate, measured in turn like a server
                 log(f"round {r + 1}: Zope in process (compute limit)")
-                inprocess.append({"round": r, **inprocess_round(timing)})
+                inprocess.append({"round": r, **inprocess_round(procs, timing)})
                 continue
             log(f"round {r + 1}: {server.label}")
             try:

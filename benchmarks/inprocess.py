@@ -10,15 +10,15 @@ path bench.py loads.  No socket, no parsing, no server: what one core can
 publish.  Prints one JSON line: per path, requests/s and the CPU time of
 one request.
 
-With ``--wait`` it prints ``READY`` once Zope is warm and measures only when
-a line arrives on stdin: bench.py starts one per core and lets them go at
-the same moment, to see whether the cores publish as fast together as
-alone.
+With ``--wait`` it prints ``READY`` once Zope is warm and measures only on
+SIGUSR1: bench.py starts one per core and lets them go at the same moment,
+to see whether the cores publish as fast together as alone.
 """
 
 import base64
 import io
 import json
+import signal
 import sys
 import time
 
@@ -78,12 +78,15 @@ def run(app, path, auth, seconds):
 
 def main():
     zope_conf, seconds = sys.argv[1], float(sys.argv[2])
+    wait = "--wait" in sys.argv[3:]
+    if wait:  # blocked before Zope starts its threads, which inherit the mask
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     app = make_wsgi_app({}, zope_conf)
     for path, auth in PATHS.values():
         run(app, path, auth, 1.0)  # warm-up: caches, templates
-    if "--wait" in sys.argv[3:]:
+    if wait:
         print("READY", flush=True)
-        sys.stdin.readline()
+        signal.sigwait({signal.SIGUSR1})
     result = {}
     for name, (path, auth) in PATHS.items():
         result[name] = run(app, path, auth, seconds)
