@@ -733,10 +733,10 @@ def compute_limit(samples):
         rates = [sample[name]["rps"] for sample in samples]
         result[name] = {"per_core": statistics.median(rates),
                         "limit": statistics.median(rates) * CORES,
-                        "together": median_of([sample[name].get("together") for sample in samples]),
-                        "together_over_limit": median_of([
+                        "together": statistics.median(sample[name]["together"] for sample in samples),
+                        "together_over_limit": statistics.median(
                             sample[name]["together"] / (sample[name]["rps"] * CORES)
-                            for sample in samples if sample[name].get("together")]),
+                            for sample in samples),
                         "cpu_ms_per_request": statistics.median(
                             sample[name]["cpu_ms_per_request"] for sample in samples)}
     return result
@@ -888,13 +888,10 @@ def table(summaries, compute):
     lines.append(f"{'Zope in process, one thread':<40} {'(compute limit)':<19} "
                  f"{root['per_core']:>6.0f} {'':>6} {'':>6} {'':>4} {zmi['per_core']:>6.0f} "
                  f"{'':>6} {'':>6} {'':>5} {'':>5} {root['cpu_ms_per_request']:>6.2f}")
-    if root.get("together"):
-        lines.append(f"{f'Zope in process, {CORES} at once':<40} {f'{CORES} procs x 1 thr':<19} "
-                     f"{root['together']:>6.0f} {'':>6} {'':>6} {'':>4} "
-                     f"{fmt(zmi.get('together')):>6}")
-    if root.get("together_over_limit"):
-        lines += ["", f"Zope in process on {CORES} cores at once: {root['together_over_limit']:.2f} "
-                      "of the compute limit (median of the ratios within each round)."]
+    lines.append(f"{f'Zope in process, {CORES} at once':<40} {f'{CORES} procs x 1 thr':<19} "
+                 f"{root['together']:>6.0f} {'':>6} {'':>6} {'':>4} {zmi['together']:>6.0f}")
+    lines += ["", f"Zope in process on {CORES} cores at once: {root['together_over_limit']:.2f} "
+                  "of the compute limit (median of the ratios within each round)."]
     lines += ["",
               "req/s, p50, p99 (ms): wrk -c20 on /, median of the rounds. err: non-2xx answers and",
               "socket errors, all runs. ZMI: /manage_main with basic auth. mixp99: p99 (ms) of paced",
@@ -970,7 +967,7 @@ def rounds_table(result):
                                         for r in rounds[key] if "failed" not in r})
     row("Zope in process, one core", {r["round"]: r["root"]["rps"]
                                       for r in result.get("inprocess", [])})
-    row(f"Zope in process, {CORES} at once", {r["round"]: r["root"].get("together")
+    row(f"Zope in process, {CORES} at once", {r["round"]: r["root"]["together"]
                                              for r in result.get("inprocess", [])})
     return "\n".join(lines)
 
