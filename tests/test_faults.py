@@ -178,6 +178,41 @@ def test_term_lets_the_request_in_flight_finish(site, figures):
     assert took <= GRACEFUL_TIMEOUT
 
 
+def test_silent_clients_hold_no_worker(site, figures):
+    """Connections that send nothing (a browser's preconnects, a TCP health
+    check) leave the site answering, and the server closes them; a client
+    that sends its request a second after connecting is served."""
+    host, port = site.address.split(":")
+    began = time.monotonic()
+    silent = [socket.create_connection((host, int(port))) for _ in range(3)]  # 2 workers
+    try:
+        status, _ = request(site.address, timeout=30)
+        answered = time.monotonic() - began
+        slow = socket.create_connection((host, int(port)), timeout=30)
+        time.sleep(1)
+        slow.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        slow_answer = slow.recv(12)
+        slow.close()
+        closed = []
+        for conn in silent:
+            conn.settimeout(60)
+            assert conn.recv(1) == b""  # closed by the server
+            closed.append(time.monotonic() - began)
+    finally:
+        for conn in silent:
+            conn.close()
+    figures(f"3 silent connections to 2 workers: a request answered {status} after "
+            f"{answered:.2f}s; the server closed them after "
+            f"{', '.join(f'{t:.1f}' for t in closed)}s (worker timeout 300s)")
+    assert status == 200
+    # gunicorn's own sync worker waits for the first silent client's request
+    # until the worker timeout; none may hold a worker for keepalive (2s).
+    assert answered < 2
+    assert slow_answer == b"HTTP/1.1 200"
+    assert max(closed) < 30
+    assert "Traceback" not in site.gunicorn.output()
+
+
 def test_usr1_reopens_logs_after_rotation(site, figures):
     log_dir = site.buildout.path("var", "log")
     event, access = log_dir / "gunicorn.log", log_dir / "gunicorn-access.log"

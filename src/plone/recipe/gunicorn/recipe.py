@@ -19,6 +19,9 @@ from plone.recipe.gunicorn.instance import Instance
 
 MODES = ("ini", "script")
 
+# The default worker class where workers are single-threaded.
+SYNC_WORKER = "plone.recipe.gunicorn.worker.SyncWorker"
+
 # Options that belong to the recipe; every other option is a gunicorn setting.
 RECIPE_OPTIONS = frozenset({
     "recipe", "instance", "mode", "script-name", "var", "eggs", "extra-paths",
@@ -137,7 +140,8 @@ class Recipe:
             "pidfile": os.path.join(var, f"{name}.pid"),
             "proc-name": name,
             "threads": str(threads),
-            "worker-class": "sync" if threads == 1 else "gthread",
+            # gunicorn's sync worker, but one a silent client cannot hold (worker.py).
+            "worker-class": SYNC_WORKER if threads == 1 else "gthread",
             "workers": str(workers),
             # A sync worker still busy with one request after this many seconds
             # is killed: gunicorn's 30 s would cut long ZMI operations short.
