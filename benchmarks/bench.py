@@ -70,6 +70,11 @@ HOST, PORT, ZEO_PORT = "127.0.0.1", 18080, 18100
 ADMIN = "Basic " + base64.b64encode(b"admin:admin").decode()
 CORES = os.cpu_count() or 1
 PATHS = {"root": ("/", None), "zmi": ("/manage_main", ADMIN)}
+# The worker classes behind the kinds the tables name.  "sync" is the recipe's
+# sync worker (src/plone/recipe/gunicorn/worker.py), the one its defaults
+# choose, for Zope and for hello world alike.
+SYNC_WORKER = "plone.recipe.gunicorn.worker.SyncWorker"
+WORKER_CLASSES = {"sync": SYNC_WORKER, "gthread": "gthread"}
 SLOW_PAGE = "bench_slow"
 SLOW_SECONDS = 0.3
 NOISY = 0.10  # other programs' share of the CPU above which a run is flagged
@@ -155,7 +160,9 @@ wsgi-ini-template = {work}/bjoern.ini.in
 recipe = zc.recipe.egg
 eggs = gunicorn
 scripts = gunicorn=hello-gunicorn
-extra-paths = {here}
+extra-paths =
+    {here}
+    {repo}/src
 """
 
 # plone.recipe.zope2instance's wsgi-ini-template: its variables, %-formatted.
@@ -487,6 +494,8 @@ def gunicorn_settings(part):
                     pass
     threads = int(raw.get("threads", 1))
     worker_class = str(raw.get("worker_class", "sync"))
+    if worker_class == SYNC_WORKER:
+        worker_class = "sync"
     if worker_class == "sync" and threads > 1:
         worker_class = "gthread"  # as gunicorn itself decides
     return {"workers": int(raw.get("workers", 1)), "worker_class": worker_class,
@@ -520,7 +529,8 @@ def zope_servers():
             t = 1 if worker_class == "sync" else threads
             servers.append(Server(
                 f"{worker_class}-w{workers}", f"gunicorn -w {workers} -k {worker_class} --threads {t}",
-                ["bin/gunicorn-ini-instance", "-w", workers, "-k", worker_class, "--threads", t],
+                ["bin/gunicorn-ini-instance", "-w", workers, "-k", WORKER_CLASSES[worker_class],
+                 "--threads", t],
                 family="gunicorn", workers=workers, worker_class=worker_class, threads=t,
                 ready_line=ready))
     servers.append(Server("bjoern", "bjoern (dataflake.wsgi.bjoern)", ["bin/bjoern", "console"],
@@ -538,6 +548,8 @@ def variant(text):
     for flag, value in zip(argv, argv[1:]):
         if flag in options:
             shape[options[flag]] = value if options[flag] == "worker_class" else int(value)
+    if shape["worker_class"] == SYNC_WORKER:
+        shape["worker_class"] = "sync"
     if shape["worker_class"] == "sync" and shape["threads"] > 1:
         shape["worker_class"] = "gthread"
     return Server(key, f"gunicorn {args}", ["bin/gunicorn-ini-instance", *argv], family="gunicorn",
@@ -566,7 +578,8 @@ def hello_servers(zope):
     return [Server(
         f"hello-{k}-w{w}-t{t}", f"hello world: gunicorn -w {w} -k {k} --threads {t}",
         ["bin/hello-gunicorn", "-b", f"{HOST}:{PORT}", "--control-socket", WORK / "var" / "hello.ctl",
-         "--keep-alive", keepalive, "-w", w, "-k", k, "--threads", t, "hello:app"],
+         "--keep-alive", keepalive, "-w", w, "-k", WORKER_CLASSES.get(k, k), "--threads", t,
+         "hello:app"],
         app="hello", family="gunicorn", workers=w, worker_class=k, threads=t,
         ready_line="Booting worker with pid") for (w, k, t) in shapes]
 
