@@ -68,7 +68,9 @@ def test_ini_mode_defaults_for_a_filestorage_instance(built):
     var = built.path("var")
     assert server["bind"] == f"127.0.0.1:{built.port}"
     assert server["workers"] == "1"  # a FileStorage belongs to one process
-    assert (server["worker_class"], server["threads"]) == ("gthread", "4")
+    # gunicorn's gthread worker that a silent client cannot hold, the instance's threads
+    assert (server["worker_class"], server["threads"]) == (
+        "plone.recipe.gunicorn.worker.ThreadWorker", "4")
     assert server["pidfile"] == str(var / "gunicorn.pid")
     assert server["control_socket"] == str(var / "gunicorn.ctl")
     assert server["proc_name"] == "gunicorn"

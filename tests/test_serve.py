@@ -2,6 +2,8 @@
 
 import json
 import re
+import socket
+import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,6 +48,17 @@ def test_filestorage_instance_served_by_one_worker(filestorage, servers, part):
     status, body = request(address, "/manage_main", auth=ADMIN)
     assert status == 200 and b"Control_Panel" in body
     assert len(server.workers()) == 1  # a FileStorage belongs to one process
+    # More silent connections (a browser's preconnects) than the worker has
+    # threads: gunicorn's gthread worker gives each a thread for 5 s first.
+    host, port = address.split(":")
+    silent = [socket.create_connection((host, int(port))) for _ in range(5)]
+    try:
+        began = time.monotonic()
+        assert request(address, "/")[0] == 200
+        assert time.monotonic() - began < 2
+    finally:
+        for conn in silent:
+            conn.close()
     assert server.stop() == 0
     # Every request is in the part's access log once, with its status, as
     # bin/instance logs them (the translogger in ini mode, gunicorn in script mode).

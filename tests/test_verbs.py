@@ -119,7 +119,8 @@ def test_stop_fails_when_the_server_does_not_go(verbs, cleanup):
 def test_check_loads_the_application_without_serving(verbs):
     status, out = script(verbs, "gunicorn", "check", "--threads", "2")
     assert status == 0, out
-    assert out.endswith("configuration and application OK: 1 workers (gthread, 2 threads), "
+    assert out.endswith("configuration and application OK: 1 workers "
+                        "(plone.recipe.gunicorn.worker.ThreadWorker, 2 threads), "
                         f"binds {verbs.addresses['gunicorn']}")
     with pytest.raises(OSError):
         request(verbs.addresses["gunicorn"], timeout=2)

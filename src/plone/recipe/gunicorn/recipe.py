@@ -19,8 +19,10 @@ from plone.recipe.gunicorn.instance import Instance
 
 MODES = ("ini", "script")
 
-# The default worker class where workers are single-threaded.
+# The default worker classes: gunicorn's sync and gthread workers, but ones a
+# client that sends nothing cannot hold (worker.py).
 SYNC_WORKER = "plone.recipe.gunicorn.worker.SyncWorker"
+THREAD_WORKER = "plone.recipe.gunicorn.worker.ThreadWorker"
 
 # Options that belong to the recipe; every other option is a gunicorn setting.
 RECIPE_OPTIONS = frozenset({
@@ -140,8 +142,7 @@ class Recipe:
             "pidfile": os.path.join(var, f"{name}.pid"),
             "proc-name": name,
             "threads": str(threads),
-            # gunicorn's sync worker, but one a silent client cannot hold (worker.py).
-            "worker-class": SYNC_WORKER if threads == 1 else "gthread",
+            "worker-class": SYNC_WORKER if threads == 1 else THREAD_WORKER,
             "workers": str(workers),
             # A sync worker still busy with one request after this many seconds
             # is killed: gunicorn's 30 s would cut long ZMI operations short.
