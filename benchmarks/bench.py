@@ -70,11 +70,12 @@ HOST, PORT, ZEO_PORT = "127.0.0.1", 18080, 18100
 ADMIN = "Basic " + base64.b64encode(b"admin:admin").decode()
 CORES = os.cpu_count() or 1
 PATHS = {"root": ("/", None), "zmi": ("/manage_main", ADMIN)}
-# The worker classes behind the kinds the tables name.  "sync" is the recipe's
-# sync worker (src/plone/recipe/gunicorn/worker.py), the one its defaults
-# choose, for Zope and for hello world alike.
-SYNC_WORKER = "plone.recipe.gunicorn.worker.SyncWorker"
-WORKER_CLASSES = {"sync": SYNC_WORKER, "gthread": "gthread"}
+# The worker classes behind the kinds the tables name: the recipe's
+# (src/plone/recipe/gunicorn/worker.py), the ones its defaults choose, for
+# Zope and for hello world alike.
+WORKER_CLASSES = {"sync": "plone.recipe.gunicorn.worker.SyncWorker",
+                  "gthread": "plone.recipe.gunicorn.worker.ThreadWorker"}
+WORKER_KINDS = {uri: kind for kind, uri in WORKER_CLASSES.items()}
 SLOW_PAGE = "bench_slow"
 SLOW_SECONDS = 0.3
 NOISY = 0.10  # other programs' share of the CPU above which a run is flagged
@@ -494,8 +495,7 @@ def gunicorn_settings(part):
                     pass
     threads = int(raw.get("threads", 1))
     worker_class = str(raw.get("worker_class", "sync"))
-    if worker_class == SYNC_WORKER:
-        worker_class = "sync"
+    worker_class = WORKER_KINDS.get(worker_class, worker_class)
     if worker_class == "sync" and threads > 1:
         worker_class = "gthread"  # as gunicorn itself decides
     return {"workers": int(raw.get("workers", 1)), "worker_class": worker_class,
@@ -548,8 +548,7 @@ def variant(text):
     for flag, value in zip(argv, argv[1:]):
         if flag in options:
             shape[options[flag]] = value if options[flag] == "worker_class" else int(value)
-    if shape["worker_class"] == SYNC_WORKER:
-        shape["worker_class"] = "sync"
+    shape["worker_class"] = WORKER_KINDS.get(shape["worker_class"], shape["worker_class"])
     if shape["worker_class"] == "sync" and shape["threads"] > 1:
         shape["worker_class"] = "gthread"
     return Server(key, f"gunicorn {args}", ["bin/gunicorn-ini-instance", *argv], family="gunicorn",
