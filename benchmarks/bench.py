@@ -494,13 +494,17 @@ def gunicorn_settings(part):
                 except ValueError:
                     pass
     threads = int(raw.get("threads", 1))
-    worker_class = str(raw.get("worker_class", "sync"))
-    worker_class = WORKER_KINDS.get(worker_class, worker_class)
-    if worker_class == "sync" and threads > 1:
-        worker_class = "gthread"  # as gunicorn itself decides
+    worker_class = worker_kind(str(raw.get("worker_class", "sync")), threads)
     return {"workers": int(raw.get("workers", 1)), "worker_class": worker_class,
             "threads": threads, "keepalive": int(raw.get("keepalive", 2)),
             "timeout": int(raw.get("timeout", 30))}
+
+
+def worker_kind(worker_class, threads):
+    """The kind the tables name for a worker class ("sync", "gthread", ...);
+    sync with more than one thread is gthread, as gunicorn itself decides."""
+    kind = WORKER_KINDS.get(worker_class, worker_class)
+    return "gthread" if kind == "sync" and threads > 1 else kind
 
 
 def instance_threads():
@@ -548,9 +552,7 @@ def variant(text):
     for flag, value in zip(argv, argv[1:]):
         if flag in options:
             shape[options[flag]] = value if options[flag] == "worker_class" else int(value)
-    shape["worker_class"] = WORKER_KINDS.get(shape["worker_class"], shape["worker_class"])
-    if shape["worker_class"] == "sync" and shape["threads"] > 1:
-        shape["worker_class"] = "gthread"
+    shape["worker_class"] = worker_kind(shape["worker_class"], shape["threads"])
     return Server(key, f"gunicorn {args}", ["bin/gunicorn-ini-instance", *argv], family="gunicorn",
                   workers=shape["workers"], worker_class=shape["worker_class"],
                   threads=shape["threads"], ready_line="Ready to handle requests")
