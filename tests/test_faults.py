@@ -188,11 +188,10 @@ def test_silent_clients_hold_no_worker(site, figures):
     try:
         status, _ = request(site.address, timeout=30)
         answered = time.monotonic() - began
-        slow = socket.create_connection((host, int(port)), timeout=30)
-        time.sleep(1)
-        slow.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        slow_answer = slow.recv(12)
-        slow.close()
+        with socket.create_connection((host, int(port)), timeout=30) as slow:
+            time.sleep(1)
+            slow.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            slow_answer = slow.recv(12)
         closed = []
         for conn in silent:
             conn.settimeout(60)

@@ -29,6 +29,8 @@ import socket
 
 from gunicorn.workers import gthread, sync
 
+TCP_DEFER_ACCEPT = getattr(socket, "TCP_DEFER_ACCEPT", None)  # Linux only
+
 
 class DeferAccept:
     """Mixin for a gunicorn worker: no connection before its first bytes."""
@@ -41,9 +43,8 @@ class DeferAccept:
         # The listening sockets are the master's, shared by all workers:
         # setting the option again is harmless.
         for listener in self.sockets:
-            if listener.family in (socket.AF_INET, socket.AF_INET6) and hasattr(
-                    socket, "TCP_DEFER_ACCEPT"):
-                listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT,
+            if TCP_DEFER_ACCEPT and listener.family in (socket.AF_INET, socket.AF_INET6):
+                listener.setsockopt(socket.IPPROTO_TCP, TCP_DEFER_ACCEPT,
                                     math.ceil(self.request_wait))
         super().init_process()  # runs the worker until it exits
 
