@@ -212,6 +212,31 @@ def test_silent_clients_hold_no_worker(site, figures):
     assert "Traceback" not in site.gunicorn.output()
 
 
+def test_clients_slow_to_close_hold_no_worker(site, figures):
+    """A client that has its whole response but closes its end late (a far
+    client's FIN comes a round trip later) does not keep a worker waiting."""
+    host, port = site.address.split(":")
+    lingering = [socket.create_connection((host, int(port)), timeout=30) for _ in range(2)]
+    try:
+        for conn in lingering:  # 2 workers
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            response = b""
+            while chunk := conn.recv(65536):  # to the server's end of the stream
+                response += chunk
+            assert response.startswith(b"HTTP/1.1 200") and response.rstrip().endswith(b"</html>")
+        began = time.monotonic()
+        status, _ = request(site.address, timeout=30)
+        answered = time.monotonic() - began
+    finally:
+        for conn in lingering:
+            conn.close()
+    figures(f"2 clients holding their connections open after their responses, "
+            f"2 workers: the next request answered {status} after {answered:.3f}s")
+    assert status == 200
+    # gunicorn's own sync worker waits up to 2s for each of them to close.
+    assert answered < 1
+
+
 def test_usr1_reopens_logs_after_rotation(site, figures):
     log_dir = site.buildout.path("var", "log")
     event, access = log_dir / "gunicorn.log", log_dir / "gunicorn-access.log"

@@ -21,12 +21,24 @@ The recipe's workers are gunicorn's with these changes:
   seconds (2 by default; at least one) to send its first bytes, and closes
   it otherwise, as gunicorn's gthread worker does with a connection that
   sends no request.  A request that has arrived costs one ``poll``.
+
+After the response the sync worker closes the connection.  gunicorn's
+closes it gracefully: it half-closes and waits, up to 2 s, for the client
+to close its side, so that a request the client may still be sending
+cannot make the kernel reset the connection and destroy the response.
+The worker serves no one meanwhile: one round trip to the client per
+request, up to 2 s for a client that keeps the connection open.  The
+recipe's sync worker waits only when the client may still be sending, as
+nginx does (``lingering_close on``): when the request had a body it did
+not read to the end, or bytes beyond the request have arrived.  Otherwise
+it closes at once; the kernel still delivers the response, then the FIN.
 """
 
 import math
 import select
 import socket
 
+from gunicorn.http.body import LengthReader
 from gunicorn.workers import gthread, sync
 
 TCP_DEFER_ACCEPT = getattr(socket, "TCP_DEFER_ACCEPT", None)  # Linux only
@@ -60,9 +72,24 @@ class SyncWorker(DeferAccept, sync.SyncWorker):
                            addr, self.request_wait)
             client.close()
 
+    def handle_request(self, listener, req, client, addr):
+        super().handle_request(listener, req, client, addr)
+        # gunicorn's handle() then closes gracefully; on a closed socket
+        # that is a no-op.
+        if not self.cfg.is_ssl and nothing_more_to_come(req, client):
+            client.close()
+
 
 class ThreadWorker(DeferAccept, gthread.ThreadWorker):
     """``worker-class = plone.recipe.gunicorn.worker.ThreadWorker``."""
+
+
+def nothing_more_to_come(req, client):
+    """Whether the client has sent all it meant to: closing cannot reset."""
+    body = req.body.reader
+    return (isinstance(body, LengthReader) and body.length == 0  # body read to its end
+            and not req.unreader.buf.getvalue()  # nothing read beyond it
+            and not sent_something(client, 0))  # nor waiting in the kernel
 
 
 def sent_something(client, seconds):
