@@ -1,7 +1,8 @@
-"""gunicorn's workers, which clients that send nothing cannot hold.
+"""gunicorn's workers, which clients that send nothing, or little, cannot hold.
 
 A client may connect and then send nothing: a browser's speculative
-preconnect, a TCP health check, a port scan.
+preconnect, a TCP health check, a port scan.  Or it may send its request
+a few bytes at a time, slowly, on a bad link or on purpose ("slowloris").
 
 - gunicorn's sync worker serves one connection at a time and reads the
   request from a blocking socket: such a client holds the worker until the
@@ -20,7 +21,13 @@ The recipe's workers are gunicorn's with these changes:
 - the sync worker gives a connection it does get gunicorn's ``keepalive``
   seconds (2 by default; at least one) to send its first bytes, and closes
   it otherwise, as gunicorn's gthread worker does with a connection that
-  sends no request.  A request that has arrived costs one ``poll``.
+  sends no request;
+- over TCP the sync worker then gives the request's header section
+  ``HEADER_TIMEOUT`` seconds (10) to arrive, and closes the connection
+  otherwise, as Apache's ``mod_reqtimeout`` does for its processes (20 s
+  there); gunicorn's would wait until the worker timeout.  A request that
+  has arrived costs one ``poll`` and one look at its bytes, and one more
+  ``poll`` to close (below).
 
 After the response the sync worker closes the connection.  gunicorn's
 closes it gracefully: it half-closes and waits, up to 2 s, for the client
@@ -37,11 +44,14 @@ it closes at once; the kernel still delivers the response, then the FIN.
 import math
 import select
 import socket
+import time
 
 from gunicorn.http.body import LengthReader
 from gunicorn.workers import gthread, sync
 
 TCP_DEFER_ACCEPT = getattr(socket, "TCP_DEFER_ACCEPT", None)  # Linux only
+HEADER_TIMEOUT = 10  # seconds for a request's header section, from its first byte
+HEADER_PEEK = 65536  # bytes of it looked at; a longer one is left to gunicorn's parser
 
 
 class DeferAccept:
@@ -64,13 +74,22 @@ class DeferAccept:
 class SyncWorker(DeferAccept, sync.SyncWorker):
     """``worker-class = plone.recipe.gunicorn.worker.SyncWorker``."""
 
+    def init_process(self):
+        self.header_wait = min(HEADER_TIMEOUT, self.timeout)  # within the heartbeat too
+        super().init_process()
+
     def handle(self, listener, client, addr):
-        if sent_something(client, self.request_wait):
-            super().handle(listener, client, addr)
-        else:
+        if not sent_something(client, self.request_wait):
             self.log.debug("Closed a connection from %s that sent no request in %ss",
                            addr, self.request_wait)
             client.close()
+        elif (client.family in (socket.AF_INET, socket.AF_INET6) and not self.cfg.is_ssl
+              and not header_arrived(client, self.header_wait)):
+            self.log.debug("Closed a connection from %s whose request headers took "
+                           "longer than %ss", addr, self.header_wait)
+            client.close()
+        else:
+            super().handle(listener, client, addr)
 
     def handle_request(self, listener, req, client, addr):
         super().handle_request(listener, req, client, addr)
@@ -90,6 +109,38 @@ def nothing_more_to_come(req, client):
     return (isinstance(body, LengthReader) and body.length == 0  # body read to its end
             and not req.unreader.buf.getvalue()  # nothing read beyond it
             and not sent_something(client, 0))  # nor waiting in the kernel
+
+
+def header_arrived(client, seconds):
+    """Whether the request's header section arrives within ``seconds``.
+
+    Looks at what has arrived without taking it (``MSG_PEEK``), and waits
+    for more with ``SO_RCVLOWAT`` (TCP only: ``poll`` ignores it on a unix
+    socket).  True as well when the client closed or the section is too
+    long to wait for: then gunicorn's parser answers as it would.
+    """
+    deadline = time.monotonic() + seconds
+    poller = select.poll()
+    poller.register(client, select.POLLIN)
+    seen = -1
+    try:
+        while True:
+            try:
+                data = client.recv(HEADER_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except OSError:  # reset, or no data after all: gunicorn's parser will tell
+                return True
+            if (len(data) == seen  # readable, nothing new: the client closed its end
+                    or not data or len(data) >= HEADER_PEEK
+                    or b"\r\n\r\n" in data or b"\n\n" in data):
+                return True
+            seen = len(data)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, seen + 1)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not poller.poll(remaining * 1000):
+                return False
+    finally:
+        if seen > 0:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
 
 def sent_something(client, seconds):
