@@ -50,6 +50,7 @@ from gunicorn.http.body import LengthReader
 from gunicorn.workers import gthread, sync
 
 TCP_DEFER_ACCEPT = getattr(socket, "TCP_DEFER_ACCEPT", None)  # Linux only
+TCP = (socket.AF_INET, socket.AF_INET6)
 HEADER_TIMEOUT = 10  # seconds for a request's header section, from its first byte
 HEADER_PEEK = 65536  # bytes of it looked at; a longer one is left to gunicorn's parser
 
@@ -65,7 +66,7 @@ class DeferAccept:
         # The listening sockets are the master's, shared by all workers:
         # setting the option again is harmless.
         for listener in self.sockets:
-            if TCP_DEFER_ACCEPT and listener.family in (socket.AF_INET, socket.AF_INET6):
+            if TCP_DEFER_ACCEPT and listener.family in TCP:
                 listener.setsockopt(socket.IPPROTO_TCP, TCP_DEFER_ACCEPT,
                                     math.ceil(self.request_wait))
         super().init_process()  # runs the worker until it exits
@@ -83,7 +84,7 @@ class SyncWorker(DeferAccept, sync.SyncWorker):
             self.log.debug("Closed a connection from %s that sent no request in %ss",
                            addr, self.request_wait)
             client.close()
-        elif (client.family in (socket.AF_INET, socket.AF_INET6) and not self.cfg.is_ssl
+        elif (client.family in TCP and not self.cfg.is_ssl
               and not header_arrived(client, self.header_wait)):
             self.log.debug("Closed a connection from %s whose request headers took "
                            "longer than %ss", addr, self.header_wait)
