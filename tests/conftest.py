@@ -7,6 +7,7 @@ whole process group, also when the test fails.
 """
 
 import base64
+import contextlib
 import http.client
 import os
 import re
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -166,6 +168,40 @@ def request(address, path="/", method="GET", body=None, auth=None, timeout=30):
         return response.status, response.read()
     finally:
         conn.close()
+
+
+@contextlib.contextmanager
+def trickling_clients(address, count, seconds=25):
+    """``count`` clients sending request headers a byte every 0.5 s, without
+    end, for ``seconds`` ("slowloris").  Yields the seconds after which the
+    server closed each one it closed; on leaving, waits for all of them."""
+    host, _, port = address.rpartition(":")
+    closed = []
+
+    def trickle(conn):
+        began = time.monotonic()
+        try:
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            while time.monotonic() - began < seconds:
+                time.sleep(0.5)
+                conn.sendall(b"X")
+        except OSError:  # reset by the server, which had unread bytes
+            closed.append(time.monotonic() - began)
+        finally:
+            conn.close()
+
+    conns = [socket.create_connection((host, int(port)), timeout=30) for _ in range(count)]
+    threads = [threading.Thread(target=trickle, args=(conn,)) for conn in conns]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)  # the server has them
+        yield closed
+    finally:
+        for thread in threads:
+            thread.join()
+        for conn in conns:
+            conn.close()
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):

@@ -12,14 +12,14 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 from pathlib import Path
 
 import pytest
 
-from conftest import ADMIN, REPO, free_port, request, wait_for_port, wait_until_serving
+from conftest import (ADMIN, REPO, free_port, request, trickling_clients, wait_for_port,
+                      wait_until_serving)
 
 LOADGEN = Path(__file__).with_name("loadgen.py")
 GRACEFUL_TIMEOUT = 10
@@ -217,42 +217,17 @@ def test_trickling_clients_hold_a_worker_for_seconds_only(site, figures):
     """Clients that send their request headers a byte at a time, without end
     ("slowloris"), lose their connections after the header timeout (10 s)
     instead of holding the workers until the worker timeout (300 s)."""
-    host, port = site.address.split(":")
-    trickling = [socket.create_connection((host, int(port)), timeout=30) for _ in range(2)]
-    closed = {}
-
-    def trickle(conn):
-        began = time.monotonic()
-        try:
-            conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
-            while time.monotonic() - began < 25:
-                time.sleep(0.5)
-                conn.sendall(b"X")
-        except OSError:  # reset by the server, which had unread bytes
-            closed[conn] = time.monotonic() - began
-        finally:
-            conn.close()
-
-    threads = [threading.Thread(target=trickle, args=(conn,)) for conn in trickling]
-    try:
-        for thread in threads:
-            thread.start()
-        time.sleep(0.5)  # both workers hold a trickling client
+    with trickling_clients(site.address, 2) as closed:  # 2 workers
         began = time.monotonic()
         status, _ = request(site.address, timeout=60)
         answered = time.monotonic() - began
-    finally:
-        for thread in threads:
-            thread.join()
-        for conn in trickling:
-            conn.close()
     figures(f"2 clients trickling their headers to 2 workers: a request answered {status} "
             f"after {answered:.1f}s; the server closed them after "
-            f"{', '.join(f'{t:.1f}' for t in sorted(closed.values()))}s")
+            f"{', '.join(f'{t:.1f}' for t in sorted(closed))}s")
     assert status == 200
     # gunicorn's own sync worker serves them for as long as they trickle (25 s).
     assert answered < 12
-    assert len(closed) == 2 and max(closed.values()) < 12
+    assert len(closed) == 2 and max(closed) < 12
     assert "Traceback" not in site.gunicorn.output()
 
 

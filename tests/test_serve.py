@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ADMIN, REPO, free_port, request, wait_for_port, wait_until_serving
+from conftest import (ADMIN, REPO, free_port, request, trickling_clients, wait_for_port,
+                      wait_until_serving)
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,27 @@ def test_filestorage_instance_served_by_one_worker(filestorage, servers, part):
     access = filestorage.path("var", "log", f"{part}-access.log").read_text()
     assert access.count('"GET /manage_main HTTP/1.1" 401') == 1
     assert access.count('"GET /manage_main HTTP/1.1" 200') == 1
+
+
+def test_trickling_clients_hold_a_thread_for_seconds_only(filestorage, servers, figures):
+    """As many clients trickling their request headers in as the FileStorage
+    worker has threads: gunicorn's gthread worker gives each a thread for as
+    long as it keeps sending; the recipe's closes them after 10 s."""
+    address = filestorage.addresses["gunicorn"]
+    server = servers([filestorage.path("bin", "gunicorn-instance")], filestorage.dir,
+                     name="gunicorn")
+    assert wait_until_serving(server, address) == 200
+    with trickling_clients(address, 4) as closed:  # the instance's 4 threads
+        began = time.monotonic()
+        status, _ = request(address, timeout=60)
+        answered = time.monotonic() - began
+    figures(f"4 clients trickling their headers to 1 worker x 4 threads: a request answered "
+            f"{status} after {answered:.1f}s; the server closed them after "
+            f"{', '.join(f'{t:.1f}' for t in sorted(closed))}s")
+    assert status == 200
+    assert answered < 12  # gunicorn's: when they stop, after 25 s
+    assert len(closed) == 4 and max(closed) < 20
+    assert server.stop() == 0
 
 
 def cpu_ticks(pid):

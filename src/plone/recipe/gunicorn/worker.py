@@ -11,6 +11,8 @@ a few bytes at a time, slowly, on a bad link or on purpose ("slowloris").
 - gunicorn's gthread worker gives such a client one of its threads for 5 s
   before it parks the connection: as many such clients as threads stop the
   site for those 5 s.
+- Both read a request that trickles in from a blocking socket, for as long
+  as it trickles.
 
 The recipe's workers are gunicorn's with these changes:
 
@@ -22,12 +24,13 @@ The recipe's workers are gunicorn's with these changes:
   seconds (2 by default; at least one) to send its first bytes, and closes
   it otherwise, as gunicorn's gthread worker does with a connection that
   sends no request;
-- over TCP the sync worker then gives the request's header section
-  ``HEADER_TIMEOUT`` seconds (10) to arrive, and closes the connection
-  otherwise, as Apache's ``mod_reqtimeout`` does for its processes (20 s
-  there); gunicorn's would wait until the worker timeout.  A request that
-  has arrived costs one ``poll`` and one look at its bytes, and one more
-  ``poll`` to close (below).
+- over TCP both give a request's header section, once its first bytes
+  are there, ``HEADER_TIMEOUT`` seconds (10) to arrive, and close the
+  connection otherwise, as Apache's ``mod_reqtimeout`` does for its
+  processes (20 s there).  gunicorn's sync worker would read on until the
+  worker timeout, a gthread thread for as long as the client sends.  A
+  request that has arrived costs one look at its bytes, and the sync
+  worker one ``poll`` before and one to close (below).
 
 After the response the sync worker closes the connection.  gunicorn's
 closes it gracefully: it half-closes and waits, up to 2 s, for the client
@@ -56,13 +59,15 @@ HEADER_PEEK = 65536  # bytes of it looked at; a longer one is left to gunicorn's
 
 
 class DeferAccept:
-    """Mixin for a gunicorn worker: no connection before its first bytes."""
+    """Mixin for a gunicorn worker: no connection before its first bytes,
+    and how long a client may take to send its request."""
 
     def init_process(self):
         # Seconds a new connection has to send its request: keepalive, at
         # least one, and within the master's heartbeat (self.timeout is half
         # the worker timeout), so that a waiting sync worker is not killed.
         self.request_wait = min(max(self.cfg.keepalive, 1), self.timeout)
+        self.header_wait = min(HEADER_TIMEOUT, self.timeout)  # for the rest of its headers
         # The listening sockets are the master's, shared by all workers:
         # setting the option again is harmless.
         for listener in self.sockets:
@@ -74,10 +79,6 @@ class DeferAccept:
 
 class SyncWorker(DeferAccept, sync.SyncWorker):
     """``worker-class = plone.recipe.gunicorn.worker.SyncWorker``."""
-
-    def init_process(self):
-        self.header_wait = min(HEADER_TIMEOUT, self.timeout)  # within the heartbeat too
-        super().init_process()
 
     def handle(self, listener, client, addr):
         if not sent_something(client, self.request_wait):
@@ -102,6 +103,26 @@ class SyncWorker(DeferAccept, sync.SyncWorker):
 
 class ThreadWorker(DeferAccept, gthread.ThreadWorker):
     """``worker-class = plone.recipe.gunicorn.worker.ThreadWorker``."""
+
+    def handle(self, conn):
+        # Runs in a pool thread, for a new connection and for every request
+        # on a kept-alive one.  One that has sent nothing yet is gunicorn's
+        # to wait for (it parks it after 5 s): header_arrived() says True.
+        # Should its first bytes come during that wait, gunicorn reads the
+        # rest unguarded; the kernel hands such a connection over only
+        # after a few silent seconds (TCP_DEFER_ACCEPT).
+        if (conn.sock.family in TCP and not self.cfg.is_ssl and not conn.is_http2
+                and not header_arrived(conn.sock, self.header_wait)):
+            self.log.debug("Closing a connection from %s whose request headers took "
+                           "longer than %ss", conn.client, self.header_wait)
+            # gunicorn closes it on the worker's main thread, gracefully: shut
+            # down first, or that waits up to 2 s for a client still sending.
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return False
+        return super().handle(conn)
 
 
 def nothing_more_to_come(req, client):
@@ -128,7 +149,7 @@ def header_arrived(client, seconds):
         while True:
             try:
                 data = client.recv(HEADER_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except OSError:  # reset, or no data after all: gunicorn's parser will tell
+            except OSError:  # reset, or nothing yet: gunicorn's worker will tell
                 return True
             if (len(data) == seen  # readable, nothing new: the client closed its end
                     or not data or len(data) >= HEADER_PEEK
