@@ -89,6 +89,32 @@ def test_trickling_clients_hold_a_thread_for_seconds_only(filestorage, servers, 
     assert server.stop() == 0
 
 
+def test_client_slow_to_close_stalls_no_thread(filestorage, servers, figures):
+    """A client that asked for ``Connection: close`` has its whole response
+    but closes its end late (a far client's FIN comes a round trip later).
+    gunicorn's gthread worker waits for it, up to 2 s, on the thread that
+    serves every connection, so the whole FileStorage worker stands still."""
+    address = filestorage.addresses["gunicorn"]
+    server = servers([filestorage.path("bin", "gunicorn-instance")], filestorage.dir,
+                     name="gunicorn")
+    assert wait_until_serving(server, address) == 200
+    host, port = address.split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as lingering:
+        lingering.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        response = b""
+        while chunk := lingering.recv(65536):  # to the server's end of the stream
+            response += chunk
+        assert response.startswith(b"HTTP/1.1 200") and response.rstrip().endswith(b"</html>")
+        began = time.monotonic()
+        status, _ = request(address)
+        answered = time.monotonic() - began
+    figures(f"a client holding its connection open after its response: the next request "
+            f"answered {status} after {answered:.3f}s (gunicorn's gthread worker: up to 2s)")
+    assert status == 200
+    assert answered < 1
+    assert server.stop() == 0
+
+
 def cpu_ticks(pid):
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])  # utime + stime

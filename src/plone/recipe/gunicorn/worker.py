@@ -32,16 +32,19 @@ The recipe's workers are gunicorn's with these changes:
   request that has arrived costs one look at its bytes, and the sync
   worker one ``poll`` before and one to close (below).
 
-After the response the sync worker closes the connection.  gunicorn's
-closes it gracefully: it half-closes and waits, up to 2 s, for the client
-to close its side, so that a request the client may still be sending
-cannot make the kernel reset the connection and destroy the response.
-The worker serves no one meanwhile: one round trip to the client per
-request, up to 2 s for a client that keeps the connection open.  The
-recipe's sync worker waits only when the client may still be sending, as
-nginx does (``lingering_close on``): when the request had a body it did
-not read to the end, or bytes beyond the request have arrived.  Otherwise
-it closes at once; the kernel still delivers the response, then the FIN.
+After the response the sync worker closes the connection, and so does the
+gthread worker when the client asked for it (``Connection: close``, HTTP
+1.0).  gunicorn's close it gracefully: they half-close and wait, up to
+2 s, for the client to close its side, so that a request the client may
+still be sending cannot make the kernel reset the connection and destroy
+the response.  Meanwhile the sync worker serves no one, and the gthread
+worker's main thread, which serves every connection, waits: one round
+trip to the client per request, up to 2 s for a client that keeps the
+connection open.  The recipe's workers wait only when the client may still
+be sending, as nginx does (``lingering_close on``): when the request had a
+body not read to its end, or bytes beyond the request have arrived.
+Otherwise they close at once; the kernel still delivers the response,
+then the FIN.
 """
 
 import math
@@ -117,12 +120,25 @@ class ThreadWorker(DeferAccept, gthread.ThreadWorker):
                            "longer than %ss", conn.client, self.header_wait)
             # gunicorn closes it on the worker's main thread, gracefully: shut
             # down first, or that waits up to 2 s for a client still sending.
-            try:
-                conn.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            shut_down(conn.sock)
             return False
-        return super().handle(conn)
+        keepalive = super().handle(conn)
+        # Not kept alive: gunicorn closes it gracefully on the main thread,
+        # which waits meanwhile, up to 2 s, for the client to close first.
+        # As the sync worker does, spare that when nothing more is to come.
+        req = conn.parser.mesg if conn.parser else None
+        if (keepalive is False and req is not None and not self.cfg.is_ssl
+                and nothing_more_to_come(req, conn.sock)):
+            shut_down(conn.sock)  # then gunicorn's close finds nothing to wait for
+        return keepalive
+
+
+def shut_down(sock):
+    """Send the FIN now and end reading, so that a graceful close does not wait."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def nothing_more_to_come(req, client):
