@@ -126,10 +126,10 @@ class ThreadWorker(DeferAccept, gthread.ThreadWorker):
         # Not kept alive: gunicorn closes it gracefully on the main thread,
         # which waits meanwhile, up to 2 s, for the client to close first.
         # As the sync worker does, spare that when nothing more is to come.
-        req = conn.parser.mesg if conn.parser else None
-        if (keepalive is False and req is not None and not self.cfg.is_ssl
-                and nothing_more_to_come(req, conn.sock)):
-            shut_down(conn.sock)  # then gunicorn's close finds nothing to wait for
+        if keepalive is False and not self.cfg.is_ssl and not conn.is_http2:
+            req = getattr(conn.parser, "mesg", None)  # the last request parsed
+            if req is not None and nothing_more_to_come(req, conn.sock):
+                shut_down(conn.sock)  # then gunicorn's close finds nothing to wait for
         return keepalive
 
 
