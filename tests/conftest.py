@@ -204,6 +204,27 @@ def trickling_clients(address, count, seconds=25):
             conn.close()
 
 
+@contextlib.contextmanager
+def lingering_clients(address, count):
+    """``count`` clients that ask for ``Connection: close``, read their whole
+    response (to the server's end of the stream), then keep their end open,
+    as a far client does for a round trip; closed on leaving."""
+    host, _, port = address.rpartition(":")
+    conns = []
+    try:
+        for _ in range(count):
+            conns.append(conn := socket.create_connection((host, int(port)), timeout=30))
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            response = b""
+            while chunk := conn.recv(65536):
+                response += chunk
+            assert response.startswith(b"HTTP/1.1 200") and response.rstrip().endswith(b"</html>")
+        yield
+    finally:
+        for conn in conns:
+            conn.close()
+
+
 class UnixHTTPConnection(http.client.HTTPConnection):
     def __init__(self, path, timeout):
         super().__init__("localhost", timeout=timeout)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (ADMIN, REPO, free_port, request, trickling_clients, wait_for_port,
-                      wait_until_serving)
+from conftest import (ADMIN, REPO, free_port, lingering_clients, request, trickling_clients,
+                      wait_for_port, wait_until_serving)
 
 LOADGEN = Path(__file__).with_name("loadgen.py")
 GRACEFUL_TIMEOUT = 10
@@ -234,21 +234,10 @@ def test_trickling_clients_hold_a_worker_for_seconds_only(site, figures):
 def test_clients_slow_to_close_hold_no_worker(site, figures):
     """A client that has its whole response but closes its end late (a far
     client's FIN comes a round trip later) does not keep a worker waiting."""
-    host, port = site.address.split(":")
-    lingering = [socket.create_connection((host, int(port)), timeout=30) for _ in range(2)]
-    try:
-        for conn in lingering:  # 2 workers
-            conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            response = b""
-            while chunk := conn.recv(65536):  # to the server's end of the stream
-                response += chunk
-            assert response.startswith(b"HTTP/1.1 200") and response.rstrip().endswith(b"</html>")
+    with lingering_clients(site.address, 2):  # 2 workers
         began = time.monotonic()
         status, _ = request(site.address, timeout=30)
         answered = time.monotonic() - began
-    finally:
-        for conn in lingering:
-            conn.close()
     figures(f"2 clients holding their connections open after their responses, "
             f"2 workers: the next request answered {status} after {answered:.3f}s")
     assert status == 200

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (ADMIN, REPO, free_port, request, trickling_clients, wait_for_port,
-                      wait_until_serving)
+from conftest import (ADMIN, REPO, free_port, lingering_clients, request, trickling_clients,
+                      wait_for_port, wait_until_serving)
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +98,7 @@ def test_client_slow_to_close_stalls_no_thread(filestorage, servers, figures):
     server = servers([filestorage.path("bin", "gunicorn-instance")], filestorage.dir,
                      name="gunicorn")
     assert wait_until_serving(server, address) == 200
-    host, port = address.split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as lingering:
-        lingering.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        response = b""
-        while chunk := lingering.recv(65536):  # to the server's end of the stream
-            response += chunk
-        assert response.startswith(b"HTTP/1.1 200") and response.rstrip().endswith(b"</html>")
+    with lingering_clients(address, 1):
         began = time.monotonic()
         status, _ = request(address)
         answered = time.monotonic() - began
