@@ -79,6 +79,14 @@ class DeferAccept:
                                     math.ceil(self.request_wait))
         super().init_process()  # runs the worker until it exits
 
+    def headers_too_slow(self, sock, addr):
+        """Whether a TCP client's request headers took over ``header_wait``."""
+        if sock.family not in TCP or self.cfg.is_ssl or header_arrived(sock, self.header_wait):
+            return False
+        self.log.debug("Closing a connection from %s whose request headers took "
+                       "longer than %ss", addr, self.header_wait)
+        return True
+
 
 class SyncWorker(DeferAccept, sync.SyncWorker):
     """``worker-class = plone.recipe.gunicorn.worker.SyncWorker``."""
@@ -88,10 +96,7 @@ class SyncWorker(DeferAccept, sync.SyncWorker):
             self.log.debug("Closed a connection from %s that sent no request in %ss",
                            addr, self.request_wait)
             client.close()
-        elif (client.family in TCP and not self.cfg.is_ssl
-              and not header_arrived(client, self.header_wait)):
-            self.log.debug("Closed a connection from %s whose request headers took "
-                           "longer than %ss", addr, self.header_wait)
+        elif self.headers_too_slow(client, addr):
             client.close()
         else:
             super().handle(listener, client, addr)
@@ -114,10 +119,7 @@ class ThreadWorker(DeferAccept, gthread.ThreadWorker):
         # Should its first bytes come during that wait, gunicorn reads the
         # rest unguarded; the kernel hands such a connection over only
         # after a few silent seconds (TCP_DEFER_ACCEPT).
-        if (conn.sock.family in TCP and not self.cfg.is_ssl and not conn.is_http2
-                and not header_arrived(conn.sock, self.header_wait)):
-            self.log.debug("Closing a connection from %s whose request headers took "
-                           "longer than %ss", conn.client, self.header_wait)
+        if not conn.is_http2 and self.headers_too_slow(conn.sock, conn.client):
             # gunicorn closes it on the worker's main thread, gracefully: shut
             # down first, or that waits up to 2 s for a client still sending.
             shut_down(conn.sock)
