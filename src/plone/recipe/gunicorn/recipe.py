@@ -19,8 +19,9 @@ from plone.recipe.gunicorn.instance import Instance
 
 MODES = ("ini", "script")
 
-# The default worker classes: gunicorn's sync and gthread workers, but ones a
-# client that sends nothing cannot hold (worker.py).
+# The default worker classes: gunicorn's sync and gthread workers, but ones
+# clients that send nothing, trickle their headers in or are slow to close
+# cannot hold (worker.py).
 SYNC_WORKER = "plone.recipe.gunicorn.worker.SyncWorker"
 THREAD_WORKER = "plone.recipe.gunicorn.worker.ThreadWorker"
 
