@@ -171,18 +171,21 @@ def request(address, path="/", method="GET", body=None, auth=None, timeout=30):
 
 
 @contextlib.contextmanager
-def trickling_clients(address, count, seconds=25):
+def trickling_clients(address, count, seconds=25, silent=0):
     """``count`` clients sending request headers a byte every 0.5 s, without
-    end, for ``seconds`` ("slowloris").  Yields the seconds after which the
-    server closed each one it closed; on leaving, waits for all of them."""
+    end, for ``seconds`` ("slowloris"), after ``silent`` seconds of sending
+    nothing.  Yields once the server has them; then the seconds after which
+    the server closed each one it closed, counted from its connect.  On
+    leaving, waits for all of them."""
     host, _, port = address.rpartition(":")
     closed = []
 
     def trickle(conn):
         began = time.monotonic()
         try:
+            time.sleep(silent)
             conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
-            while time.monotonic() - began < seconds:
+            while time.monotonic() - began < silent + seconds:
                 time.sleep(0.5)
                 conn.sendall(b"X")
         except OSError:  # reset by the server, which had unread bytes
@@ -195,7 +198,7 @@ def trickling_clients(address, count, seconds=25):
     try:
         for thread in threads:
             thread.start()
-        time.sleep(0.5)  # the server has them
+        time.sleep(silent + 0.5)  # the server has them
         yield closed
     finally:
         for thread in threads:

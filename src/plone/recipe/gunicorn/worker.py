@@ -114,11 +114,14 @@ class ThreadWorker(DeferAccept, gthread.ThreadWorker):
 
     def handle(self, conn):
         # Runs in a pool thread, for a new connection and for every request
-        # on a kept-alive one.  One that has sent nothing yet is gunicorn's
-        # to wait for (it parks it after 5 s): header_arrived() says True.
-        # Should its first bytes come during that wait, gunicorn reads the
-        # rest unguarded; the kernel hands such a connection over only
-        # after a few silent seconds (TCP_DEFER_ACCEPT).
+        # on a kept-alive one.  A new one may not have sent anything yet:
+        # the kernel hands it over after a few silent seconds anyway
+        # (TCP_DEFER_ACCEPT).  Wait for its first bytes as gunicorn would
+        # (then it parks the connection, after 5 s), so that the header
+        # deadline counts from them.
+        if (not conn.initialized and not conn.data_ready
+                and not conn.wait_for_data(gthread.DEFAULT_WORKER_DATA_TIMEOUT)):
+            return gthread._DEFER  # gunicorn's "park it": no data in time
         if not conn.is_http2 and self.headers_too_slow(conn.sock, conn.client):
             # gunicorn closes it on the worker's main thread, gracefully: shut
             # down first, or that waits up to 2 s for a client still sending.
