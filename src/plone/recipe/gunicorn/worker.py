@@ -61,9 +61,10 @@ HEADER_TIMEOUT = 10  # seconds for a request's header section, from its first by
 HEADER_PEEK = 65536  # bytes of it looked at; a longer one is left to gunicorn's parser
 
 
-class DeferAccept:
+class ClientLimits:
     """Mixin for a gunicorn worker: no connection before its first bytes,
-    and how long a client may take to send its request."""
+    how long a client may take to send its request, and when the
+    connection may close at once after the response."""
 
     def init_process(self):
         # Seconds a new connection has to send its request: keepalive, at
@@ -87,8 +88,13 @@ class DeferAccept:
                        "longer than %ss", addr, self.header_wait)
         return True
 
+    def may_close_at_once(self, req, sock):
+        """Whether the client has sent all of ``req`` and nothing more (not
+        told over TLS, whose bytes cannot be looked at in the socket)."""
+        return not self.cfg.is_ssl and nothing_more_to_come(req, sock)
 
-class SyncWorker(DeferAccept, sync.SyncWorker):
+
+class SyncWorker(ClientLimits, sync.SyncWorker):
     """``worker-class = plone.recipe.gunicorn.worker.SyncWorker``."""
 
     def handle(self, listener, client, addr):
@@ -105,11 +111,11 @@ class SyncWorker(DeferAccept, sync.SyncWorker):
         super().handle_request(listener, req, client, addr)
         # gunicorn's handle() then closes gracefully; on a closed socket
         # that is a no-op.
-        if not self.cfg.is_ssl and nothing_more_to_come(req, client):
+        if self.may_close_at_once(req, client):
             client.close()
 
 
-class ThreadWorker(DeferAccept, gthread.ThreadWorker):
+class ThreadWorker(ClientLimits, gthread.ThreadWorker):
     """``worker-class = plone.recipe.gunicorn.worker.ThreadWorker``."""
 
     def handle(self, conn):
@@ -131,9 +137,9 @@ class ThreadWorker(DeferAccept, gthread.ThreadWorker):
         # Not kept alive: gunicorn closes it gracefully on the main thread,
         # which waits meanwhile, up to 2 s, for the client to close first.
         # As the sync worker does, spare that when nothing more is to come.
-        if keepalive is False and not self.cfg.is_ssl and not conn.is_http2:
+        if keepalive is False and not conn.is_http2:
             req = getattr(conn.parser, "mesg", None)  # the last request parsed
-            if req is not None and nothing_more_to_come(req, conn.sock):
+            if req is not None and self.may_close_at_once(req, conn.sock):
                 shut_down(conn.sock)  # then gunicorn's close finds nothing to wait for
         return keepalive
 
