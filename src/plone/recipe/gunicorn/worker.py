@@ -169,8 +169,7 @@ def header_arrived(client, seconds):
     long to wait for: then gunicorn's parser answers as it would.
     """
     deadline = time.monotonic() + seconds
-    poller = select.poll()
-    poller.register(client, select.POLLIN)
+    poller = None  # made only to wait: most requests arrive whole
     seen = -1
     try:
         while True:
@@ -184,6 +183,9 @@ def header_arrived(client, seconds):
                 return True
             seen = len(data)
             client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, seen + 1)
+            if poller is None:
+                poller = select.poll()
+                poller.register(client, select.POLLIN)
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not poller.poll(remaining * 1000):
                 return False
