@@ -230,6 +230,21 @@ def test_earlier_install_still_serves_after_the_failed_runs(guarded, servers):
     assert server.stop() == 0
 
 
+def test_daemon_false_is_welcome_under_systemd_and_supervisor(new_buildout):
+    buildout = new_buildout("foreground", f"""
+        [buildout]
+        extends = {REPO}/buildout.cfg
+        [gunicorn]
+        systemd-unit = true
+        supervisor = true
+        daemon = false
+    """)
+    buildout.run()
+    server = read_ini(buildout.path("parts", "gunicorn", "gunicorn.ini"))["server:main"]
+    assert server["daemon"] == "false"
+    assert buildout.path("parts", "gunicorn", "gunicorn.service").exists()
+
+
 def test_windows_is_refused_before_anything_else(monkeypatch):
     import zc.buildout
     from plone.recipe.gunicorn.recipe import Recipe

@@ -84,7 +84,9 @@ def convert(option, text):
         config.set(name, value)
     except Exception as exc:  # gunicorn's validators raise several kinds
         raise SettingError(option, text, _describe(setting, exc)) from None
-    return value
+    # A switch as gunicorn reads it ("false" is False); other values as
+    # written, which the validators accepted.
+    return setting.get() if setting.action in _FLAG_ACTIONS else value
 
 
 def _coerce(setting, text):
