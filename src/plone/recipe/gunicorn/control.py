@@ -170,6 +170,12 @@ def check(application, prog):
         traceback.print_exc()
         print(f"{prog}: the application does not load (see above)", file=sys.stderr)
         return FAILED
+    finally:
+        # Closed, a FileStorage writes its index; left open, the next start
+        # would rebuild it from the whole Data.fs.
+        database = getattr(sys.modules.get("Zope2"), "DB", None)
+        if database is not None:
+            database.close()
     print(f"{prog}: configuration and application OK: {cfg.workers} workers "
           f"({cfg.worker_class_str}, {cfg.threads} threads), binds {' '.join(cfg.bind)}")
     return OK
