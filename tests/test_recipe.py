@@ -101,10 +101,11 @@ def test_script_mode_writes_gunicorn_config_and_app_module(built):
 def test_shared_database_gets_workers_and_the_instance_pipeline(built):
     import os
     server = read_ini(built.path("parts", "gunicorn-zeo", "gunicorn.ini"))
-    # one sync worker per core and one more (docs/benchmarks.rst), the recipe's
-    # own, which a silent client cannot hold; threads as given
+    # one worker per core and one more (docs/benchmarks.rst), the recipe's own,
+    # which a silent client cannot hold; with the part's threads its thread
+    # worker (gunicorn would swap in its own gthread worker for a sync one)
     assert server["server:main"]["workers"] == str(os.cpu_count() + 1)
-    assert server["server:main"]["worker_class"] == "plone.recipe.gunicorn.worker.SyncWorker"
+    assert server["server:main"]["worker_class"] == "plone.recipe.gunicorn.worker.ThreadWorker"
     assert server["server:main"]["threads"] == "2"
     assert server["pipeline:main"]["pipeline"].split() == ["egg:Zope#httpexceptions", "zope"]
     assert server["app:zope"]["zope_conf"] == str(built.path("parts", "zeoclient", "etc", "zope.conf"))

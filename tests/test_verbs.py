@@ -116,8 +116,13 @@ def test_stop_fails_when_the_server_does_not_go(verbs, cleanup):
         time.sleep(0.1)
 
 
-def test_check_loads_the_application_without_serving(verbs):
-    status, out = script(verbs, "gunicorn", "check", "--threads", "2")
+@pytest.mark.parametrize("args", [
+    ["--threads", "2"],
+    # gunicorn would swap a sync worker given threads for its own gthread worker
+    ["--threads", "2", "-k", "plone.recipe.gunicorn.worker.SyncWorker"],
+])
+def test_check_loads_the_application_without_serving(verbs, args):
+    status, out = script(verbs, "gunicorn", "check", *args)
     assert status == 0, out
     assert out.endswith("configuration and application OK: 1 workers "
                         "(plone.recipe.gunicorn.worker.ThreadWorker, 2 threads), "

@@ -19,12 +19,6 @@ from plone.recipe.gunicorn.instance import Instance
 
 MODES = ("ini", "script")
 
-# The default worker classes: gunicorn's sync and gthread workers, but ones
-# clients that send nothing, trickle their headers in or are slow to close
-# cannot hold (worker.py).
-SYNC_WORKER = "plone.recipe.gunicorn.worker.SyncWorker"
-THREAD_WORKER = "plone.recipe.gunicorn.worker.ThreadWorker"
-
 # Options that belong to the recipe; every other option is a gunicorn setting.
 RECIPE_OPTIONS = frozenset({
     "recipe", "instance", "mode", "script-name", "var", "eggs", "extra-paths",
@@ -143,7 +137,7 @@ class Recipe:
             "pidfile": os.path.join(var, f"{name}.pid"),
             "proc-name": name,
             "threads": str(threads),
-            "worker-class": SYNC_WORKER if threads == 1 else THREAD_WORKER,
+            "worker-class": gsettings.SYNC_WORKER,  # with threads: _settings
             "workers": str(workers),
             # A sync worker still busy with one request after this many seconds
             # is killed: gunicorn's 30 s would cut long ZMI operations short.
@@ -177,6 +171,10 @@ class Recipe:
             except gsettings.SettingError as exc:
                 raise zc.buildout.UserError(
                     f"[{self.name}] {option} = {value.strip()!r}: {exc.reason}")
+        # The threads as finally set, the instance's or the part's, decide.
+        worker = gsettings.worker_for(result["worker_class"], result["threads"])
+        if worker != result["worker_class"]:
+            result["worker_class"] = self.options[given["worker_class"]] = worker
         if "bind" in user_options or "bind" in given.values():
             for address in result["bind"]:
                 try:

@@ -95,6 +95,13 @@ class ZopeDefaults:
         super().load_default_config()
         self.cfg.set("logger_class", Logger)
 
+    def load_config(self):
+        super().load_config()
+        # ``--threads 4`` on the command line: gunicorn would swap the
+        # recipe's sync worker for its own gthread worker.
+        self.cfg.set("worker_class", settings.worker_for(
+            self.cfg.settings["worker_class"].get(), self.cfg.threads))
+
 
 class Logger(glogging.Logger):
     """gunicorn's logger, whose ``loglevel`` also rules the logging configuration

@@ -21,6 +21,12 @@ from gunicorn.config import Config
 _WHITESPACE_LISTS = {"bind"}
 _FLAG_ACTIONS = {"store_true", "store_false", "store_const"}
 
+# The recipe's workers: gunicorn's sync and gthread workers, but ones that
+# clients that send nothing, trickle their headers in or are slow to close
+# cannot hold (worker.py).
+SYNC_WORKER = "plone.recipe.gunicorn.worker.SyncWorker"
+THREAD_WORKER = "plone.recipe.gunicorn.worker.ThreadWorker"
+
 
 class SettingError(ValueError):
     """A text value that cannot become a gunicorn setting.
@@ -87,6 +93,15 @@ def convert(option, text):
     # A switch as gunicorn reads it ("false" is False); other values as
     # written, which the validators accepted.
     return setting.get() if setting.action in _FLAG_ACTIONS else value
+
+
+def worker_for(worker_class, threads):
+    """The worker class that serves: gunicorn runs its own gthread worker
+    instead of any sync worker given threads; the recipe's sync worker gets
+    the recipe's thread worker instead, so that it keeps its client limits."""
+    if worker_class == SYNC_WORKER and threads > 1:
+        return THREAD_WORKER
+    return worker_class
 
 
 def _coerce(setting, text):
