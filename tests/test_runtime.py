@@ -4,6 +4,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 
 import pytest
 
@@ -53,6 +54,26 @@ def test_port_in_use_is_one_line(fs):
         line = start_refused(fs)
     assert line == (f"gunicorn-instance: {fs.address} is in use by another program; "
                     "stop it or change http-address or bind")
+
+
+@pytest.mark.parametrize("worker, threads", [("SyncWorker", "1"), ("ThreadWorker", "4")])
+def test_no_worker_timeout_still_waits_for_a_request(fs, servers, worker, threads):
+    # gunicorn's timeout = 0: no heartbeat, so no limit on a worker's waits
+    server = servers([fs.path("bin", "gunicorn-instance"), "--timeout", "0",
+                      "-k", f"plone.recipe.gunicorn.worker.{worker}", "--threads", threads],
+                     fs.dir, name=f"timeout 0, {worker}")
+    assert wait_until_serving(server, fs.address) == 200
+    host, port = fs.address.split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        time.sleep(0.5)  # a client that takes its time: first bytes later,
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(1)  # the header section's end later still
+        conn.sendall(b"Connection: close\r\n\r\n")
+        response = b""
+        while chunk := conn.recv(65536):
+            response += chunk
+    assert response.startswith(b"HTTP/1.1 200 OK"), response[:200]
+    assert server.stop() == 0
 
 
 def test_live_pidfile_refuses_and_stale_one_does_not_block(fs, servers):

@@ -69,9 +69,11 @@ class ClientLimits:
     def init_process(self):
         # Seconds a new connection has to send its request: keepalive, at
         # least one, and within the master's heartbeat (self.timeout is half
-        # the worker timeout), so that a waiting sync worker is not killed.
-        self.request_wait = min(max(self.cfg.keepalive, 1), self.timeout)
-        self.header_wait = min(HEADER_TIMEOUT, self.timeout)  # for the rest of its headers
+        # the worker timeout; 0 when there is none), so that a waiting sync
+        # worker is not killed.
+        heartbeat = self.timeout or math.inf
+        self.request_wait = min(max(self.cfg.keepalive, 1), heartbeat)
+        self.header_wait = min(HEADER_TIMEOUT, heartbeat)  # for the rest of its headers
         # The listening sockets are the master's, shared by all workers:
         # setting the option again is harmless.
         for listener in self.sockets:
