@@ -170,3 +170,47 @@ def test_debug_runs_one_worker_with_code_reload(verbs, servers):
         time.sleep(0.2)
     assert wait_until_serving(server, address) == 200
     assert server.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def www(new_buildout):
+    """A part whose name does not say gunicorn: its processes are told by the script name."""
+    address = f"127.0.0.1:{free_port()}"
+    buildout = new_buildout("www", f"""
+        [buildout]
+        extends = {REPO}/buildout.cfg
+        parts = instance www
+
+        [www]
+        recipe = plone.recipe.gunicorn
+        bind = {address}
+    """)
+    buildout.run()
+    buildout.address = address
+    return buildout
+
+
+def test_pid_file_tells_this_server_from_a_program_that_took_its_pid(www, servers):
+    pidfile = www.path("var", "www.pid")
+    server = servers([www.path("bin", "www-instance")], www.dir, name="www")
+    assert wait_until_serving(server, www.address) == 200
+    # A second fg finds the first by its pid file, and leaves that file alone.
+    assert script(www, "www", timeout=60) == (
+        1, f"www-instance: already running as PID {server.pid} (pidfile {pidfile}); stop it first")
+    assert script(www, "www", "status")[1].startswith(f"www-instance: running as PID {server.pid}")
+    assert server.stop() == 0
+
+    # After a crash, the pid in the file belongs to another program.
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        pidfile.write_text(f"{other.pid}\n")
+        assert script(www, "www", "status") == (
+            1, f"www-instance: not running, but the pid file {pidfile} is left")
+        assert script(www, "www", "stop") == (0, "www-instance: not running")
+        assert other.poll() is None  # not sent TERM
+        server = servers([www.path("bin", "www-instance")], www.dir, name="www again")
+        assert wait_until_serving(server, www.address) == 200
+        assert int(pidfile.read_text()) == server.pid
+    finally:
+        other.kill()
+        other.wait()

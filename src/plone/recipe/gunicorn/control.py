@@ -45,14 +45,28 @@ def gunicorn_args(verb, args):
     return args
 
 
-def master_pid(cfg):
-    """The pid in the pid file if that process runs, else None."""
+def master_pid(cfg, prog):
+    """The pid in the pid file if that process runs and is this server, else None.
+
+    A pid file left by a crash may name a process that has since got its
+    pid: one whose command line names neither gunicorn nor ``prog`` (the
+    script, ``<part>-instance``) is not this server.
+    """
     try:
         with open(cfg.pidfile) as f:
             pid = int(f.read().strip())
     except (OSError, TypeError, ValueError):
         return None
-    return pid if _alive(pid) else None
+    return pid if _alive(pid) and _is_server(pid, prog) else None
+
+
+def _is_server(pid, prog):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return True  # alive, and no /proc to say otherwise
+    return b"gunicorn" in cmdline or os.fsencode(prog) in cmdline
 
 
 def _alive(pid):
@@ -76,7 +90,7 @@ def workers(pid):
 
 
 def status(cfg, prog):
-    pid = master_pid(cfg)
+    pid = master_pid(cfg, prog)
     if pid is None:
         if cfg.pidfile and os.path.exists(cfg.pidfile):
             print(f"{prog}: not running, but the pid file {cfg.pidfile} is left")
@@ -90,7 +104,7 @@ def status(cfg, prog):
 
 
 def stop(cfg, prog):
-    pid = master_pid(cfg)
+    pid = master_pid(cfg, prog)
     if pid is None:
         print(f"{prog}: not running")
         return OK
@@ -109,7 +123,7 @@ def stop(cfg, prog):
 
 
 def reload(cfg, prog):
-    pid = master_pid(cfg)
+    pid = master_pid(cfg, prog)
     if pid is None:
         print(f"{prog}: not running", file=sys.stderr)
         return NOT_RUNNING
@@ -133,7 +147,7 @@ def start(application, prog, log_hint, timeout=120):
     os.waitpid(child, 0)
     began = time.monotonic()
     while time.monotonic() - began < timeout:
-        pid = master_pid(cfg)
+        pid = master_pid(cfg, prog)
         if pid and _answers(cfg.bind[0]):
             print(f"{prog}: started, PID {pid}, listening on {' '.join(cfg.bind)}")
             return OK

@@ -8,6 +8,8 @@ import errno
 import os
 import socket
 
+from plone.recipe.gunicorn.control import master_pid
+
 
 class Refused(Exception):
     """The server must not start; the message says why and what to do."""
@@ -25,33 +27,16 @@ def check_database_safety(cfg, shared_database):
             "FileStorage; use 1 worker, or serve the database through ZEO or RelStorage")
 
 
-def check_pidfile(cfg):
-    """A live pidfile means this server already runs; a stale one is removed."""
+def check_pidfile(cfg, prog):
+    """A pidfile of this running server refuses; a stale one is removed."""
     path = cfg.pidfile
     if not path or not os.path.exists(path):
         return
-    try:
-        with open(path) as f:
-            pid = int(f.read().strip() or 0)
-    except (OSError, ValueError):
-        pid = 0
-    if pid and pid != os.getpid() and _is_gunicorn(pid):
+    pid = master_pid(cfg, prog)
+    if pid and pid != os.getpid():
         raise Refused(f"already running as PID {pid} (pidfile {path}); stop it first")
     # Left behind by a crash (or its pid now belongs to another program).
     os.unlink(path)
-
-
-def _is_gunicorn(pid):
-    try:
-        os.kill(pid, 0)
-    except OSError as exc:
-        return exc.errno == errno.EPERM
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-    except OSError:
-        return True  # alive, and no /proc to say otherwise
-    return b"gunicorn" in cmdline or b"plone.recipe.gunicorn" in cmdline
 
 
 def check_binds(cfg):

@@ -54,15 +54,15 @@ def main(mode, config, argv=None, shared_database=None, prog=None):
             sys.exit(control.FAILED)
         application = make_application(mode, config, control.gunicorn_args("start", args), prog)
         verb, cfg = "start", application.cfg
-    if verb == "start" and control.master_pid(cfg):
-        print(f"{prog}: already running as PID {control.master_pid(cfg)}")
+    if verb == "start" and (pid := control.master_pid(cfg, prog)):
+        print(f"{prog}: already running as PID {pid}")
         sys.exit(control.OK)  # LSB: starting a running service succeeds
     try:
         preflight.check_database_safety(cfg, shared_database)
         if verb == "check":
             sys.exit(control.check(application, prog))
         if not (cfg.check_config or cfg.print_config):
-            preflight.check_pidfile(cfg)
+            preflight.check_pidfile(cfg, prog)
             preflight.check_binds(cfg)
     except preflight.Refused as refused:
         sys.exit(f"{prog}: {refused}")
