@@ -116,6 +116,22 @@ def test_stop_fails_when_the_server_does_not_go(verbs, cleanup):
         time.sleep(0.1)
 
 
+def test_start_fails_when_no_worker_can_load_zope(verbs, cleanup):
+    # The master listens, and the kernel accepts connections, before any
+    # worker has loaded Zope; here none can.
+    zope_conf = verbs.path("parts", "instance", "etc", "zope.conf")
+    good = zope_conf.read_text()
+    zope_conf.write_text(good + "\nno-such-directive on\n")
+    try:
+        status, out = script(verbs, "gunicorn", "start")
+    finally:
+        zope_conf.write_text(good)
+    log = verbs.path("var", "log", "gunicorn.log")
+    assert (status, out) == (1, f"gunicorn-instance: did not start; see {log}")
+    assert "no-such-directive" in log.read_text()
+    assert not verbs.path("var", "gunicorn.pid").exists()  # the master stopped
+
+
 @pytest.mark.parametrize("args", [
     ["--threads", "2"],
     # gunicorn would swap a sync worker given threads for its own gthread worker
@@ -214,3 +230,38 @@ def test_pid_file_tells_this_server_from_a_program_that_took_its_pid(www, server
     finally:
         other.kill()
         other.wait()
+
+
+@pytest.fixture(scope="module")
+def zeo_down(new_buildout):
+    """A ZEO client whose ZEO server does not run."""
+    address = f"127.0.0.1:{free_port()}"
+    buildout = new_buildout("zeodown", f"""
+        [buildout]
+        extends = {REPO}/buildout.cfg
+
+        [instance]
+        http-address = {address}
+        zeo-client = on
+        zeo-address = 127.0.0.1:{free_port()}
+    """)
+    buildout.run()
+    buildout.address = address
+    return buildout
+
+
+def test_workers_go_with_their_master(zeo_down, servers):
+    server = servers([zeo_down.path("bin", "gunicorn-instance"), "--workers", "2"],
+                     zeo_down.dir, name="zeo down")
+    # Both workers wait for the ZEO server while loading Zope.
+    server.wait_for_output(lambda out: out.count("Booting worker") == 2, timeout=30)
+    workers = server.workers()
+    assert len(workers) == 2
+    server.signal(signal.SIGKILL)
+    server.proc.wait()
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{pid}") for pid in workers):
+        assert time.monotonic() < deadline, "workers outlived their master"
+        time.sleep(0.1)
+    with pytest.raises(OSError):  # no orphan keeps the port
+        request(zeo_down.address, timeout=2)

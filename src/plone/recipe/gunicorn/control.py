@@ -133,7 +133,13 @@ def reload(cfg, prog):
 
 
 def start(application, prog, log_hint, timeout=120):
-    """Daemonize the server and return once it answers on its first bind."""
+    """Daemonize the server and return once it answers HTTP on its first bind.
+
+    The master listens before its workers have loaded Zope, and the kernel
+    accepts connections for it meanwhile: only an HTTP answer says that a
+    worker serves.  A worker that cannot load Zope (a broken zope.conf, a ZEO
+    server that does not answer within ZEO's wait) makes the master stop.
+    """
     cfg = application.cfg
     if not cfg.pidfile:
         print(f"{prog}: start needs a pidfile; set the part's pidfile option", file=sys.stderr)
@@ -144,31 +150,35 @@ def start(application, prog, log_hint, timeout=120):
         # with its own SystemExit, which must keep its exit status.
         application.run()
         os._exit(OK)
-    os.waitpid(child, 0)
-    began = time.monotonic()
-    while time.monotonic() - began < timeout:
+    _, status = os.waitpid(child, 0)  # gunicorn has daemonized, or failed before
+    began, seen = time.monotonic(), False
+    while status == 0 and time.monotonic() - began < timeout:
         pid = master_pid(cfg, prog)
         if pid and _answers(cfg.bind[0]):
             print(f"{prog}: started, PID {pid}, listening on {' '.join(cfg.bind)}")
             return OK
-        if pid is None and time.monotonic() - began > 10:
-            break  # the master wrote no pid file, or stopped (a worker failed to boot)
+        seen = seen or pid is not None
+        if pid is None and (seen or time.monotonic() - began > 10):
+            break  # the master stopped (a worker failed to boot), or wrote no pid file
         time.sleep(0.2)
     print(f"{prog}: did not start; see {log_hint}", file=sys.stderr)
     return FAILED
 
 
-def _answers(address):
+def _answers(address, timeout=5):
+    """Whether an HTTP request to ``address`` gets an answer, whatever its status."""
     try:
         if address.startswith("unix:"):
-            with socket.socket(socket.AF_UNIX) as s:
-                s.settimeout(2)
-                s.connect(address[len("unix:"):])
+            conn = socket.socket(socket.AF_UNIX)
+            conn.settimeout(timeout)
+            conn.connect(address[len("unix:"):])
         else:
             host, _, port = address.rpartition(":")
-            socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
-        return True
-    except OSError:
+            conn = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+        with conn:
+            conn.sendall(b"HEAD / HTTP/1.0\r\n\r\n")
+            return conn.recv(16).startswith(b"HTTP/")
+    except (OSError, ValueError):  # ValueError: fd://N, not an address to connect to
         return False
 
 

@@ -18,8 +18,10 @@ line).
 
 import ast
 import configparser
+import ctypes
 import logging
 import os
+import signal
 import sys
 
 from gunicorn import glogging
@@ -91,6 +93,16 @@ class ZopeDefaults:
     """Defaults of the recipe's applications, set anew at every (re)load of the
     configuration; the configuration itself may still override them."""
 
+    def load(self):
+        # In a worker, before Zope loads: a worker whose master has gone
+        # goes too.  gunicorn's workers look for their master only between
+        # requests, and one still loading Zope, waiting for a ZEO server that
+        # is down, would keep the port and the database for a long time.
+        # (A master that gets TERM while its workers load, and then sees one
+        # fail to boot, exits at once.)
+        die_with_parent()
+        return super().load()
+
     def load_default_config(self):
         super().load_default_config()
         self.cfg.set("logger_class", Logger)
@@ -123,6 +135,13 @@ class Logger(glogging.Logger):
     def access(self, resp, req, environ, request_time):
         if self.access_log.isEnabledFor(logging.INFO):
             super().access(resp, req, environ, request_time)
+
+
+def die_with_parent():
+    """Have the kernel kill this process when its parent exits (Linux)."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _log_hint(cfg):
