@@ -1,6 +1,7 @@
 """A buildout section in, files and scripts out: real buildout runs."""
 
 import configparser
+import os
 import runpy
 import socket
 import sys
@@ -159,6 +160,10 @@ BROKEN = {
     "preload on a FileStorage": (
         "[gunicorn]\npreload-app = true",
         ["[gunicorn] preload-app = 'true'", "set preload_app = false"]),
+    "persistent ZEO cache for several workers": (
+        "[instance]\nzeo-client = on\nzeo-client-client = zeo1",
+        [f"[gunicorn] workers = '{os.cpu_count() + 1}'", "zeo-client-client = zeo1", "one process",
+         "or use 1 worker"]),
     "preload on ZEO": (
         "[gunicorn]\npreload_app = true\n[instance]\nzeo-client = on",
         ["[gunicorn] preload_app = 'true'", "forked worker"]),

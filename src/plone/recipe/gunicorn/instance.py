@@ -41,7 +41,8 @@ class Instance:
         self.eggs = options.get("eggs", "")
         self.extra_paths = options.get("extra-paths", "")
         self.pipeline = (options.get("pipeline") or DEFAULT_PIPELINE).split()
-        self.debug_mode = options.get("debug-mode", "off")
+        # A ZEO client cache in a file that one process may open (locked).
+        self.zeo_client_client = options.get("zeo-client-client", "").strip()
 
     @property
     def shares_database(self):
@@ -53,9 +54,3 @@ class Instance:
         zeo = self.options.get("zeo-client", "").strip().lower()
         return zeo in ("on", "true", "yes", "1") or bool(
             self.options.get("rel-storage", "").strip())
-
-    @property
-    def storage_kind(self):
-        if self.options.get("rel-storage", "").strip():
-            return "RelStorage"
-        return "ZEO" if self.shares_database else "FileStorage"

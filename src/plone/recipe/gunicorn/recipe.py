@@ -98,6 +98,15 @@ class Recipe:
                 f"[{self.name}] {option} = {self.options[option].strip()!r}: {refused}"
                 + ("" if cfg.preload_app else
                    f" (part [{self.instance.name}] uses a FileStorage)"))
+        client = self.instance.zeo_client_client
+        if client and self.instance.shares_database and cfg.workers > 1:
+            option = self._option_for("workers")
+            raise zc.buildout.UserError(
+                f"[{self.name}] {option} = {self.options[option].strip()!r}: part "
+                f"[{self.instance.name}] sets zeo-client-client = {client}, a ZEO cache "
+                "file that one process may open, so every worker but the first would "
+                "fail to start; remove zeo-client-client from the instance (each worker "
+                "then keeps its cache in memory) or use 1 worker")
 
     def _option_for(self, setting):
         from plone.recipe.gunicorn import settings as gsettings
