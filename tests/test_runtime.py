@@ -4,6 +4,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -91,3 +92,57 @@ def test_live_pidfile_refuses_and_stale_one_does_not_block(fs, servers):
     second = servers([fs.path("bin", "gunicorn-instance")], fs.dir, name="second")
     assert wait_until_serving(second, fs.address) == 200
     assert int(fs.path("var", "gunicorn.pid").read_text()) == second.pid
+
+
+def slow_post(address, seconds, answers):
+    """A POST to / whose body takes ``seconds`` to arrive; the answer's status line into ``answers``."""
+    host, port = address.split(":")
+    body = b"x=" + b"1" * 18
+    with socket.create_connection((host, int(port)), timeout=60) as conn:
+        conn.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     b"Content-Type: application/x-www-form-urlencoded\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        for byte in body:
+            time.sleep(seconds / len(body))
+            conn.sendall(bytes([byte]))
+        answers.append(conn.makefile("rb").readline())
+
+
+def test_hup_on_a_filestorage_finishes_the_request_then_replaces_the_worker(fs, servers):
+    server = servers([fs.path("bin", "gunicorn-instance")], fs.dir, name="hup")
+    assert wait_until_serving(server, fs.address) == 200
+    [old] = server.workers()
+    answers = []
+    client = threading.Thread(target=slow_post, args=(fs.address, 4, answers))
+    client.start()
+    time.sleep(1)  # the worker is reading the body
+    server.signal(signal.SIGHUP)
+    client.join()
+    # The old worker finished the request; only then did the new one open
+    # the database, which the old one held until it exited.
+    assert answers == [b"HTTP/1.1 200 OK\r\n"]
+    assert wait_until_serving(server, fs.address) == 200
+    [new] = server.workers()
+    assert new != old
+    assert "LockError" not in server.output()
+    assert server.stop() == 0
+
+
+def test_more_workers_on_a_filestorage_are_refused_while_running(fs, servers):
+    ini = fs.path("parts", "gunicorn", "gunicorn.ini")
+    good = ini.read_text()
+    server = servers([fs.path("bin", "gunicorn-instance")], fs.dir, name="more workers")
+    assert wait_until_serving(server, fs.address) == 200
+    try:
+        server.signal(signal.SIGTTIN)  # one worker more, please
+        server.wait_for_output(lambda out: "keeping 1" in out, timeout=10)
+        ini.write_text(good.replace("workers = 1", "workers = 2"))
+        server.signal(signal.SIGHUP)  # the configuration now asks for 2
+        server.wait_for_output(lambda out: "Configuration not applied" in out, timeout=30)
+    finally:
+        ini.write_text(good)
+    assert wait_until_serving(server, fs.address) == 200
+    time.sleep(2)  # time for a second worker, if there were one
+    assert len(server.workers()) == 1
+    assert "LockError" not in server.output()
+    assert server.stop() == 0

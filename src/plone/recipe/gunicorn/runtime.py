@@ -1,8 +1,10 @@
 """Run time: what ``bin/<part>-instance`` and the PasteDeploy server entry point do.
 
 In both modes this process becomes the gunicorn master, so gunicorn's signals
-(HUP, TERM, INT, QUIT, TTIN, TTOU, USR1, USR2) reach it directly, and the Zope
+(HUP, TERM, INT, QUIT, TTIN, TTOU, USR1) reach it directly, and the Zope
 application is loaded by each worker after the fork (``preload_app`` off).
+The master is gunicorn's with the database rules kept after the start
+(``ZopeArbiter``).
 
 - ini mode: the ini's ``[server:main]`` holds the gunicorn settings and its
   ``main`` pipeline is the application.  gunicorn's own ``--paste`` loads the
@@ -23,10 +25,13 @@ import logging
 import os
 import signal
 import sys
+import time
 
 from gunicorn import glogging
+from gunicorn.app.base import BaseApplication
 from gunicorn.app.pasterapp import has_logging_config
 from gunicorn.app.wsgiapp import WSGIApplication
+from gunicorn.arbiter import Arbiter
 
 from plone.recipe.gunicorn import control, preflight, settings
 
@@ -42,7 +47,8 @@ def main(mode, config, argv=None, shared_database=None, prog=None):
     verb, args = control.split_verb(argv)
     if verb == "debug":
         os.environ[control.DEBUG_ENV] = "1"
-    application = make_application(mode, config, control.gunicorn_args(verb, args), prog)
+    application = make_application(
+        mode, config, control.gunicorn_args(verb, args), prog, shared_database)
     cfg = application.cfg
 
     if verb == "status":
@@ -54,7 +60,8 @@ def main(mode, config, argv=None, shared_database=None, prog=None):
     if verb == "restart":
         if control.stop(cfg, prog) != control.OK:
             sys.exit(control.FAILED)
-        application = make_application(mode, config, control.gunicorn_args("start", args), prog)
+        application = make_application(
+            mode, config, control.gunicorn_args("start", args), prog, shared_database)
         verb, cfg = "start", application.cfg
     if verb == "start" and (pid := control.master_pid(cfg, prog)):
         print(f"{prog}: already running as PID {pid}")
@@ -78,15 +85,18 @@ def main(mode, config, argv=None, shared_database=None, prog=None):
         sys.exit(f"{prog}: cannot start: {exc}")
 
 
-def make_application(mode, config, args, prog):
+def make_application(mode, config, args, prog, shared_database=None):
     """The gunicorn application for a mode; reads the configuration, loads nothing."""
     if mode == "ini":
         sys.argv = [prog, *args]
-        return PasteApplication(config, prog=prog)
-    if mode == "script":
+        application = PasteApplication(config, prog=prog)
+    elif mode == "script":
         sys.argv = [prog, "-c", config, *args]
-        return ScriptApplication("%(prog)s [VERB] [OPTIONS]", prog=prog)
-    sys.exit(f"{prog}: unknown mode {mode!r}; expected ini or script")
+        application = ScriptApplication("%(prog)s [VERB] [OPTIONS]", prog=prog)
+    else:
+        sys.exit(f"{prog}: unknown mode {mode!r}; expected ini or script")
+    application.shared_database = shared_database
+    return application
 
 
 class ZopeDefaults:
@@ -154,11 +164,86 @@ def _log_hint(cfg):
     return cfg.errorlog if cfg.errorlog != "-" else "the server's log"
 
 
-class ScriptApplication(ZopeDefaults, WSGIApplication):
+class ZopeMaster(BaseApplication):
+    """Runs the recipe's master instead of gunicorn's.
+
+    It comes after gunicorn's ``Application`` in the method resolution order
+    of the recipe's applications: gunicorn's ``run()`` (daemon, python path)
+    ends with ``super().run()``, which is this one.
+    """
+
+    shared_database = None  # as main() was told: False for a FileStorage
+
+    def run(self):
+        try:  # as gunicorn's BaseApplication.run, with the recipe's arbiter
+            ZopeArbiter(self, self.shared_database).run()
+        except RuntimeError as exc:
+            sys.exit(f"\nError: {exc}\n")
+
+
+class ZopeArbiter(Arbiter):
+    """gunicorn's master, which keeps the database safe after the start too.
+
+    ``main()`` refuses an unsafe configuration before the start.  Later a
+    ``HUP`` reads the configuration files again, and ``TTIN`` or the control
+    socket's ``worker add`` ask for more workers: the same rules hold then,
+    and what breaks them is logged and not done.  On a FileStorage a ``HUP``
+    stops the worker (its requests in flight finish) before it starts the
+    new one, which could not open the database while the old one holds it:
+    requests meanwhile wait in the listen queue.
+    """
+
+    def __init__(self, app, shared_database):
+        self.shared_database = shared_database
+        super().__init__(app)
+
+    def setup(self, app):
+        # At the start, and after every HUP has read the configuration again.
+        refused = None
+        try:
+            preflight.check_database_safety(app.cfg, self.shared_database)
+        except preflight.Refused as exc:
+            refused = exc
+            app.cfg.set("preload_app", False)
+            if self.shared_database is False:
+                app.cfg.set("workers", 1)
+        super().setup(app)
+        if refused:
+            self.log.error("Configuration not applied: %s; running without "
+                           "preload_app and with %s workers", refused, self.cfg.workers)
+
+    def reload(self):
+        if self.shared_database is False:
+            self.log.info("FileStorage: stopping the worker before starting its replacement")
+            self.stop_workers()
+        super().reload()
+
+    def manage_workers(self):
+        if self.shared_database is False and self.num_workers > 1:
+            self.log.error("%s workers asked for on a FileStorage, which one process "
+                           "must own; keeping 1", self.num_workers)
+            self.num_workers = 1
+        super().manage_workers()
+
+    def stop_workers(self):
+        """Stop every worker as gunicorn's ``stop()`` does, still listening."""
+        self.kill_workers(signal.SIGTERM)
+        deadline = time.monotonic() + self.cfg.graceful_timeout
+        while self.WORKERS and time.monotonic() < deadline:
+            self.reap_workers()
+            time.sleep(0.1)
+        self.kill_workers(signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while self.WORKERS and time.monotonic() < deadline:
+            self.reap_workers()
+            time.sleep(0.1)
+
+
+class ScriptApplication(ZopeDefaults, WSGIApplication, ZopeMaster):
     """gunicorn's command line, with the recipe's ``-c gunicorn.conf.py``."""
 
 
-class PasteApplication(ZopeDefaults, WSGIApplication):
+class PasteApplication(ZopeDefaults, WSGIApplication, ZopeMaster):
     """gunicorn serving a PasteDeploy ini, settings from its ``[server:main]``."""
 
     def __init__(self, ini, prog=None):
