@@ -15,6 +15,7 @@ import argparse
 import base64
 import http.client
 import json
+import sys
 import threading
 import time
 import urllib.parse
@@ -74,7 +75,9 @@ def main():
             try:
                 status = send(args.address, method, path, body)
                 outcome = str(status)
-            except OSError as exc:
+            except (OSError, http.client.HTTPException) as exc:
+                # refused, reset, timed out; or cut off: no status line
+                # (RemoteDisconnected), a body cut short (IncompleteRead)
                 status, outcome = None, type(exc).__name__
             ok = status is not None and 200 <= status < 400
             with lock:
@@ -85,11 +88,15 @@ def main():
             if not ok:
                 time.sleep(0.05)  # do not spin while the server is away
 
+    crashed = []  # a thread that died would leave its requests uncounted
+    threading.excepthook = lambda hook: crashed.append(hook.exc_value)
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(args.concurrency)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    if crashed:
+        sys.exit(f"loadgen: {len(crashed)} of its threads crashed: {crashed[0]!r}")
 
     ok = sum(n for outcome, n in outcomes.items() if outcome[0] in "23")
     result = {

@@ -90,22 +90,21 @@ class Site:
 
     def load(self, seconds, concurrency=10, writes=0):
         """Start a bounded load in a second process; ``.result()`` waits for it."""
-        return Load(self.address, seconds, concurrency, writes, self.buildout.dir)
+        return Load(self.address, seconds, concurrency, writes, self.buildout.dir, self.start)
 
 
 class Load:
-    def __init__(self, address, seconds, concurrency, writes, directory):
+    """A load generator process, started like the servers: stopped when the test ends."""
+
+    def __init__(self, address, seconds, concurrency, writes, directory, start):
         self.out = Path(directory) / f"load-{time.monotonic_ns()}.json"
-        self.proc = subprocess.Popen(
-            [sys.executable, str(LOADGEN), address, "--seconds", str(seconds),
-             "--concurrency", str(concurrency), "--writes", str(writes), "--out", str(self.out)])
+        self.process = start(
+            [sys.executable, LOADGEN, address, "--seconds", seconds, "--concurrency",
+             concurrency, "--writes", writes, "--out", self.out], directory, name="load")
 
     def result(self):
-        try:
-            assert self.proc.wait(timeout=180) == 0
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
+        status = self.process.proc.wait(timeout=180)
+        assert status == 0, self.process.output()
         return json.loads(self.out.read_text())
 
 
