@@ -230,18 +230,24 @@ def test_logrotate_rotates_the_logs_of_a_running_server(services, servers, tmp_p
 
     server.signal(signal.SIGTERM)
     assert server.proc.wait(timeout=STOP_TIMEOUT) == 0
-    # No server, and then a pid file left by a dead one: rotation still succeeds
-    # and signals nothing.
+    # No server, and then a pid file left by a crash whose pid another program
+    # got since: rotation still succeeds, and USR1 (which would end that
+    # program) goes to nobody.
     pidfile = services.path("var", "gunicorn.pid")
-    for situation in ("stopped", "stale pid file"):
-        if situation == "stale pid file":
-            dead = subprocess.Popen(["true"])
-            dead.wait()
-            pidfile.write_text(f"{dead.pid}\n")
-        event.write_text("something to rotate\n")
-        result = subprocess.run(rotate, capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, (situation, result.stderr)
-        assert "error" not in result.stderr.lower(), (situation, result.stderr)
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        for situation in ("stopped", "stale pid file"):
+            if situation == "stale pid file":
+                pidfile.write_text(f"{other.pid}\n")
+            event.write_text("something to rotate\n")
+            result = subprocess.run(rotate, capture_output=True, text=True, timeout=60)
+            assert result.returncode == 0, (situation, result.stderr)
+            assert "error" not in result.stderr.lower(), (situation, result.stderr)
+            assert result.stderr.count("running postrotate script") == 1, result.stderr
+        assert other.poll() is None, "the program with the stale pid got USR1"
+    finally:
+        other.kill()
+        other.wait()
     pidfile.unlink()
 
 

@@ -150,6 +150,7 @@ def logrotate(context):
         context,
         logs=" ".join(f'"{path}"' for path in (context["eventlog"], context["accesslog"])),
         pidfile=shlex.quote(context["pidfile"]),
+        script_name=shlex.quote(os.path.basename(context["script_path"])),
         logrotate_file=os.path.join(context["location"], "logrotate.conf"),
         state_file=os.path.join(context["var"], "logrotate.status"),
     )
