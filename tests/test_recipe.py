@@ -1,6 +1,8 @@
 """A buildout section in, files and scripts out: real buildout runs."""
 
 import configparser
+import gzip
+import http.client
 import os
 import runpy
 import socket
@@ -296,3 +298,36 @@ def test_changing_http_address_moves_the_listening_address(new_buildout, servers
                 request(address, timeout=2)
         assert server.stop() == 0
         previous = addresses
+
+
+def test_script_mode_serves_the_instance_pipeline(new_buildout, servers):
+    address = f"127.0.0.1:{free_port()}"
+    buildout = new_buildout("scriptpipeline", f"""
+        [buildout]
+        extends = {REPO}/buildout.cfg
+
+        [instance]
+        pipeline =
+            translogger
+            egg:Paste#gzip
+            egg:Zope#httpexceptions
+            zope
+
+        [gunicorn]
+        mode = script
+        bind = {address}
+    """)
+    buildout.run()
+    server = servers([buildout.path("bin", "gunicorn-instance")], buildout.dir, name="script")
+    assert wait_until_serving(server, address) == 200
+    host, port = address.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("GET", "/", headers={"Accept-Encoding": "gzip"})
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    assert response.getheader("Content-Encoding") == "gzip"  # the pipeline's filter
+    assert b"<html" in gzip.decompress(body).lower()
+    assert server.stop() == 0

@@ -282,7 +282,7 @@ class Recipe:
         else:
             server_settings = dict(self.settings)
             user_config = server_settings.pop("config", None)
-            rendered = render.script_mode(context, server_settings, user_config)
+            rendered = render.script_mode(context, server_settings, self.pipeline, user_config)
 
         service = dict(
             context,

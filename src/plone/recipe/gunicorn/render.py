@@ -59,8 +59,12 @@ def ini_mode(context, server_settings, pipeline):
     return {"gunicorn.ini": ini}
 
 
-def script_mode(context, server_settings, user_config=None):
-    """``gunicornapp.py``, ``gunicorn.conf.py`` and the ``logging.ini`` it names."""
+def script_mode(context, server_settings, pipeline, user_config=None):
+    """``gunicornapp.py``, ``gunicorn.conf.py`` and the ``logging.ini`` it names.
+
+    The application is the instance's pipeline, as in ini mode, but for the
+    translogger: gunicorn's access log takes its place here.
+    """
     lines = [f"{name} = {pprint.pformat(value)}" for name, value in sorted(server_settings.items())]
     if user_config:
         lines += [
@@ -76,7 +80,9 @@ def script_mode(context, server_settings, user_config=None):
         settings="\n".join(lines),
     )
     compile(conf, "gunicorn.conf.py", "exec")
-    app = template("gunicornapp.py").substitute(context, zope_conf=repr(context["zope_conf"]))
+    filters = [entry for entry in pipeline if entry not in ("translogger", "zope")]
+    app = template("gunicornapp.py").substitute(
+        context, zope_conf=repr(context["zope_conf"]), filters=pprint.pformat(filters))
     compile(app, "gunicornapp.py", "exec")
     logging = logging_ini(context["eventlog"], context["accesslog"], context["loglevel"], "INFO")
     return {"gunicorn.conf.py": conf, "gunicornapp.py": app, "logging.ini": logging}

@@ -5,7 +5,14 @@ gunicorn imports this module in each worker after forking, so every worker
 opens its own connection to the database.
 """
 
-from plone.recipe.gunicorn.app import make_zope_app
-from ZPublisher.httpexceptions import HTTPExceptionHandler
+from paste.deploy import loadfilter
 
-application = HTTPExceptionHandler(make_zope_app({}, zope_conf=${zope_conf}))
+from plone.recipe.gunicorn.app import make_zope_app
+
+# The instance's filter pipeline, outermost first, without its translogger:
+# gunicorn writes the access log.
+FILTERS = ${filters}
+
+application = make_zope_app({}, zope_conf=${zope_conf})
+for uri in reversed(FILTERS):
+    application = loadfilter(uri)(application)
