@@ -156,6 +156,13 @@ BROKEN = {
                        ["[gunicorn] bind = 'localhost:'", "HOST:PORT"]),
     "instance threads": ("[instance]\nthreads = many",
                          ["[instance] threads = 'many'", "whole number"]),
+    "no instance threads": ("[instance]\nthreads = 0",
+                            ["[instance] threads = '0'", "1 or more"]),
+    "no workers": ("[gunicorn]\nworkers = 0",
+                   ["[gunicorn] workers = '0'", "at least 1", "answers none"]),
+    "no threads": ("[gunicorn]\nthreads = 0", ["[gunicorn] threads = '0'", "at least 1"]),
+    "log level unknown": ("[gunicorn]\nloglevel = verbose",
+                          ["[gunicorn] loglevel = 'verbose'", "debug, info, warning"]),
     "several workers on a FileStorage": (
         "[gunicorn]\nworkers = 2",
         ["[gunicorn] workers = '2'", "FileStorage", "ZEO or RelStorage", "[instance]"]),

@@ -34,6 +34,16 @@ RECIPE_OPTIONS = frozenset({
 # Filters the generated ini defines; other pipeline entries must be egg: URIs.
 KNOWN_FILTERS = ("translogger", "zope")
 
+# Values gunicorn accepts that cannot serve Zope: setting -> (test, what is right).
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+STRICTER = {
+    "workers": (lambda n: n >= 1, "at least 1 is needed: with none the server "
+                "accepts connections and answers none"),
+    "threads": (lambda n: n >= 1, "at least 1 is needed"),
+    "loglevel": (lambda level: level.lower() in LOG_LEVELS,
+                 f"use one of {', '.join(LOG_LEVELS)} (it also sets the event log's level)"),
+}
+
 # Switches, written as plone.recipe.zope2instance reads its own.
 TRUE = ("on", "true", "yes", "1")
 FALSE = ("off", "false", "no", "0")
@@ -124,8 +134,11 @@ class Recipe:
         try:
             threads = int(instance.threads)
         except ValueError:
+            threads = 0
+        if threads < 1:
             raise zc.buildout.UserError(
-                f"[{instance.name}] threads = {instance.threads!r}: not a whole number")
+                f"[{instance.name}] threads = {instance.threads!r}: not a whole number "
+                "of 1 or more")
         if instance.shares_database:
             # ZEO, RelStorage: single-threaded (sync) workers, one per core and
             # one more.  Zope is CPU-bound: processes share no GIL, and the
@@ -180,6 +193,11 @@ class Recipe:
             except gsettings.SettingError as exc:
                 raise zc.buildout.UserError(
                     f"[{self.name}] {option} = {value.strip()!r}: {exc.reason}")
+        for setting, (good, right) in STRICTER.items():
+            if setting in result and not good(result[setting]):
+                option = given[setting]
+                raise zc.buildout.UserError(
+                    f"[{self.name}] {option} = {self.options[option].strip()!r}: {right}")
         # The threads as finally set, the instance's or the part's, decide.
         worker = gsettings.worker_for(result["worker_class"], result["threads"])
         if worker != result["worker_class"]:
