@@ -94,6 +94,21 @@ def test_live_pidfile_refuses_and_stale_one_does_not_block(fs, servers):
     assert int(fs.path("var", "gunicorn.pid").read_text()) == second.pid
 
 
+def test_statsd_host_gets_gunicorns_metrics(fs, servers):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as statsd:
+        statsd.bind(("127.0.0.1", 0))
+        statsd.settimeout(10)
+        port = statsd.getsockname()[1]
+        server = servers([fs.path("bin", "gunicorn-instance"), "--statsd-host",
+                          f"127.0.0.1:{port}"], fs.dir, name="statsd")
+        assert wait_until_serving(server, fs.address) == 200
+        packets = b""
+        while b"gunicorn.request.status.200:1|c" not in packets:
+            packets += statsd.recv(4096) + b"\n"  # a timeout fails the test
+    assert b"gunicorn.requests:1|c" in packets
+    assert server.stop() == 0
+
+
 def slow_post(address, seconds, answers):
     """A POST to / whose body takes ``seconds`` to arrive; the answer's status line into ``answers``."""
     host, port = address.split(":")

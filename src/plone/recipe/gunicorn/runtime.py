@@ -32,6 +32,7 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.app.pasterapp import has_logging_config
 from gunicorn.app.wsgiapp import WSGIApplication
 from gunicorn.arbiter import Arbiter
+from gunicorn.instrument.statsd import Statsd
 
 from plone.recipe.gunicorn import control, preflight, settings
 
@@ -123,6 +124,10 @@ class ZopeDefaults:
         # recipe's sync worker for its own gthread worker.
         self.cfg.set("worker_class", settings.worker_for(
             self.cfg.settings["worker_class"].get(), self.cfg.threads))
+        # gunicorn switches its default logger to its statsd one when
+        # statsd_host is set; the recipe's logger gets the same.
+        if self.cfg.settings["logger_class"].get() is Logger and self.cfg.statsd_host:
+            self.cfg.set("logger_class", StatsdLogger)
 
 
 class Logger(glogging.Logger):
@@ -145,6 +150,14 @@ class Logger(glogging.Logger):
     def access(self, resp, req, environ, request_time):
         if self.access_log.isEnabledFor(logging.INFO):
             super().access(resp, req, environ, request_time)
+
+
+class StatsdLogger(Logger, Statsd):
+    """The recipe's logger, sending gunicorn's statsd metrics (``statsd-host``)."""
+
+    def access(self, resp, req, environ, request_time):
+        # gunicorn's statsd logger counts requests where it logs them: always.
+        Statsd.access(self, resp, req, environ, request_time)
 
 
 def die_with_parent():
