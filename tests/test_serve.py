@@ -259,3 +259,22 @@ def test_bin_instance_pointed_at_the_ini_serves_from_fresh_workers(new_buildout,
         return len(booted) == 2 and booted <= connected
 
     instance.wait_for_output(both_workers_connected, 60)
+
+
+def test_header_check_counts_what_was_read_before():
+    # A pipelined POST: gunicorn has read its headers and the start of its
+    # body with the request before; the socket holds only the rest.
+    from plone.recipe.gunicorn.worker import header_arrived
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        with socket.create_connection(listener.getsockname()) as client:
+            server, _ = listener.accept()
+            with server:
+                client.sendall(b"cd")
+                time.sleep(0.1)
+                began = time.monotonic()
+                assert header_arrived(server, 3, already=b"POST / HTTP/1.1\r\nHost: x\r\n"
+                                                         b"Content-Length: 4\r\n\r\nab")
+                assert time.monotonic() - began < 1
+                # and a header section still coming is still waited for
+                assert not header_arrived(server, 1, already=b"GET / HTTP/1.1\r\n")

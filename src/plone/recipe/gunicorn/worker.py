@@ -82,9 +82,11 @@ class ClientLimits:
                                     math.ceil(self.request_wait))
         super().init_process()  # runs the worker until it exits
 
-    def headers_too_slow(self, sock, addr):
-        """Whether a TCP client's request headers took over ``header_wait``."""
-        if sock.family not in TCP or self.cfg.is_ssl or header_arrived(sock, self.header_wait):
+    def headers_too_slow(self, sock, addr, already=b""):
+        """Whether a TCP client's request headers took over ``header_wait``;
+        ``already``: the request's first bytes, read from the socket before."""
+        if (sock.family not in TCP or self.cfg.is_ssl
+                or header_arrived(sock, self.header_wait, already)):
             return False
         self.log.debug("Closing a connection from %s whose request headers took "
                        "longer than %ss", addr, self.header_wait)
@@ -130,7 +132,10 @@ class ThreadWorker(ClientLimits, gthread.ThreadWorker):
         if (not conn.initialized and not conn.data_ready
                 and not conn.wait_for_data(gthread.DEFAULT_WORKER_DATA_TIMEOUT)):
             return gthread._DEFER  # gunicorn's "park it": no data in time
-        if not conn.is_http2 and self.headers_too_slow(conn.sock, conn.client):
+        # On a kept-alive connection gunicorn may have read the start of the
+        # next request (pipelined) along with the last one.
+        already = conn.parser.unreader.buf.getvalue() if conn.parser is not None else b""
+        if not conn.is_http2 and self.headers_too_slow(conn.sock, conn.client, already):
             # gunicorn closes it on the worker's main thread, gracefully: shut
             # down first, or that waits up to 2 s for a client still sending.
             shut_down(conn.sock)
@@ -162,10 +167,11 @@ def nothing_more_to_come(req, client):
             and not sent_something(client, 0))  # nor waiting in the kernel
 
 
-def header_arrived(client, seconds):
+def header_arrived(client, seconds, already=b""):
     """Whether the request's header section arrives within ``seconds``.
 
-    Looks at what has arrived without taking it (``MSG_PEEK``), and waits
+    ``already`` is what was read of the request before.  Looks at what has
+    arrived without taking it (``MSG_PEEK``), and waits
     for more with ``SO_RCVLOWAT`` (TCP only: ``poll`` ignores it on a unix
     socket).  True as well when the client closed or the section is too
     long to wait for: then gunicorn's parser answers as it would.
@@ -179,9 +185,10 @@ def header_arrived(client, seconds):
                 data = client.recv(HEADER_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
             except OSError:  # reset, or nothing yet: gunicorn's worker will tell
                 return True
+            request = already + data
             if (len(data) == seen  # readable, nothing new: the client closed its end
-                    or not data or len(data) >= HEADER_PEEK
-                    or b"\r\n\r\n" in data or b"\n\n" in data):
+                    or not data or len(request) >= HEADER_PEEK
+                    or b"\r\n\r\n" in request or b"\n\n" in request):
                 return True
             seen = len(data)
             client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, seen + 1)
