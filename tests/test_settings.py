@@ -35,7 +35,8 @@ def test_malformed_http_address_is_refused(http_address, complaint):
     ("workers", "3", 3),
     ("worker-class", "gthread", "gthread"),
     ("worker_class", " sync ", "sync"),
-    ("preload-app", "false", "false"),
+    ("preload-app", "false", False),  # a switch is what gunicorn reads, not its text
+    ("daemon", "True", True),
     ("umask", "022", 0o22),
     ("control-socket-mode", "0600", 0o600),
     ("bind", "127.0.0.1:1 unix:/tmp/z.sock", ["127.0.0.1:1", "unix:/tmp/z.sock"]),
