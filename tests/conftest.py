@@ -128,8 +128,24 @@ class Server:
 
     def workers(self):
         """pids of the gunicorn workers: children of this master."""
-        children = Path(f"/proc/{self.pid}/task/{self.pid}/children")
-        return [int(pid) for pid in children.read_text().split()] if children.exists() else []
+        return children(self.pid)
+
+
+def children(pid):
+    """pids of the children of a process (a gunicorn master's: its workers)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    try:
+        return [int(child) for child in path.read_text().split()]
+    except OSError:
+        return []
+
+
+def running(pid):
+    """Whether a process runs (a zombie no longer does)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 @pytest.fixture

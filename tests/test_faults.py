@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (ADMIN, REPO, free_port, lingering_clients, request, trickling_clients,
-                      wait_for_port, wait_until_serving)
+from conftest import (ADMIN, REPO, children, free_port, lingering_clients, request, running,
+                      trickling_clients, wait_for_port, wait_until_serving)
 
 LOADGEN = Path(__file__).with_name("loadgen.py")
 GRACEFUL_TIMEOUT = 10
@@ -262,6 +262,36 @@ def test_usr1_reopens_logs_after_rotation(site, figures):
     figures(f"USR1 after rotation: {new_lines} of 20 requests in the new access log, "
             f"{rotated_lines} in the rotated one")
     assert (new_lines, rotated_lines) == (20, 0)
+
+
+def test_usr2_starts_a_new_master_that_takes_over(site, figures):
+    """gunicorn's upgrade without a lost connection: USR2 starts a new master
+    with new code on the same sockets, then TERM to the old one."""
+    pidfile = site.buildout.path("var", "gunicorn.pid")
+    old = site.gunicorn.pid
+    site.gunicorn.signal(signal.SIGUSR2)
+    deadline = time.monotonic() + 60
+    while not (pidfile.with_name("gunicorn.pid.2").exists()
+               and len(children(new := int(pidfile.with_name("gunicorn.pid.2").read_text()))) == 2):
+        assert time.monotonic() < deadline, site.gunicorn.output()[-3000:]
+        time.sleep(0.2)
+    load = site.load(seconds=6)
+    time.sleep(1.5)
+    os.kill(old, signal.SIGTERM)  # the old master and its workers go; the new ones serve
+    result = load.result()
+    assert site.gunicorn.proc.wait(timeout=60) == 0
+    deadline = time.monotonic() + 10
+    while int(pidfile.read_text()) != new:  # promoted: it takes the pid file
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    figures(f"USR2, then TERM to the old master under load: {summary(result)}")
+    assert result["failed"] == 0 and result["ok"] > 100
+    assert request(site.address, "/")[0] == 200
+    os.kill(new, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while running(new):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
 
 
 def test_zeo_restart_under_load_loses_no_acknowledged_write(site, zeo, figures):

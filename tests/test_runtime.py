@@ -161,3 +161,15 @@ def test_more_workers_on_a_filestorage_are_refused_while_running(fs, servers):
     assert len(server.workers()) == 1
     assert "LockError" not in server.output()
     assert server.stop() == 0
+
+
+def test_usr2_on_a_filestorage_is_refused_and_the_server_serves_on(fs, servers):
+    # A new master's worker could not open the FileStorage the old one holds.
+    server = servers([fs.path("bin", "gunicorn-instance")], fs.dir, name="usr2")
+    assert wait_until_serving(server, fs.address) == 200
+    [worker] = server.workers()
+    server.signal(signal.SIGUSR2)
+    server.wait_for_output(lambda out: "USR2 ignored" in out, timeout=10)
+    assert server.workers() == [worker]  # no new master among the children
+    assert wait_until_serving(server, fs.address) == 200
+    assert server.stop() == 0

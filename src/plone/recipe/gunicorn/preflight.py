@@ -30,8 +30,8 @@ def check_database_safety(cfg, shared_database):
 def check_pidfile(cfg, prog):
     """A pidfile of this running server refuses; a stale one is removed."""
     path = cfg.pidfile
-    if not path or not os.path.exists(path):
-        return
+    if not path or not os.path.exists(path) or os.environ.get("GUNICORN_PID"):
+        return  # (a master re-executed by USR2 writes <pidfile>.2 next to its parent's)
     pid = master_pid(cfg, prog)
     if pid and pid != os.getpid():
         raise Refused(f"already running as PID {pid} (pidfile {path}); stop it first")

@@ -1,7 +1,7 @@
 """Run time: what ``bin/<part>-instance`` and the PasteDeploy server entry point do.
 
 In both modes this process becomes the gunicorn master, so gunicorn's signals
-(HUP, TERM, INT, QUIT, TTIN, TTOU, USR1) reach it directly, and the Zope
+(HUP, TERM, INT, QUIT, TTIN, TTOU, USR1, USR2) reach it directly, and the Zope
 application is loaded by each worker after the fork (``preload_app`` off).
 The master is gunicorn's with the database rules kept after the start
 (``ZopeArbiter``).
@@ -88,11 +88,13 @@ def main(mode, config, argv=None, shared_database=None, prog=None):
 
 def make_application(mode, config, args, prog, shared_database=None):
     """The gunicorn application for a mode; reads the configuration, loads nothing."""
+    # gunicorn parses sys.argv, and a USR2 runs it again: the script's path first.
+    script = os.path.abspath(sys.argv[0]) if os.path.isfile(sys.argv[0]) else prog
     if mode == "ini":
-        sys.argv = [prog, *args]
+        sys.argv = [script, *args]
         application = PasteApplication(config, prog=prog)
     elif mode == "script":
-        sys.argv = [prog, "-c", config, *args]
+        sys.argv = [script, "-c", config, *args]
         application = ScriptApplication("%(prog)s [VERB] [OPTIONS]", prog=prog)
     else:
         sys.exit(f"{prog}: unknown mode {mode!r}; expected ini or script")
@@ -224,6 +226,13 @@ class ZopeArbiter(Arbiter):
         if refused:
             self.log.error("Configuration not applied: %s; running without "
                            "preload_app and with %s workers", refused, self.cfg.workers)
+
+    def reexec(self):
+        if self.shared_database is False:
+            self.log.error("USR2 ignored: the new master's worker could not open the "
+                           "FileStorage the running worker holds; use HUP to reload")
+            return
+        super().reexec()
 
     def reload(self):
         if self.shared_database is False:
