@@ -154,6 +154,9 @@ BROKEN = {
                                   ["[instance] http-address = '127.0.0.1:99999'", "1-65535"]),
     "malformed bind": ("[gunicorn]\nbind = localhost:",
                        ["[gunicorn] bind = 'localhost:'", "HOST:PORT"]),
+    "egg that does not exist": (
+        "[gunicorn]\neggs = no.such.distribution.for.this.test",
+        ["no.such.distribution.for.this.test"]),
     "instance threads": ("[instance]\nthreads = many",
                          ["[instance] threads = 'many'", "whole number"]),
     "no instance threads": ("[instance]\nthreads = 0",

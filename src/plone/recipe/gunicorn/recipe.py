@@ -90,6 +90,9 @@ class Recipe:
         self._refuse_unsafe()
         self.pipeline = self._pipeline()
         self.service_files = self._service_files()
+        # Eggs too: buildout removes a changed part before it installs it anew,
+        # and a missing egg found only then would leave no script at all.
+        self.working_set = self._working_set()
 
     def _refuse_unsafe(self):
         """Never fork after opening a database; never two processes on a FileStorage."""
@@ -319,16 +322,13 @@ class Recipe:
             rendered.update(render.supervisor(service))
         service_paths = [self.options[f"{option}-file"] for option in self.service_files]
 
-        # Resolve eggs before writing anything: a missing egg fails here.
-        working_set = self._working_set()
-
         created_location = not os.path.isdir(self.location)
         try:
             os.makedirs(self.location, exist_ok=True)
             os.makedirs(self.log_dir, exist_ok=True)
             for filename, text in rendered.items():
                 _write(os.path.join(self.location, filename), text)
-            scripts = self._scripts(working_set)
+            scripts = self._scripts(self.working_set)
         except BaseException:
             if created_location:
                 shutil.rmtree(self.location, ignore_errors=True)
