@@ -96,6 +96,8 @@ class Server:
 
     def stop(self, timeout=30):
         """Stop the server and everything it started; return its exit status."""
+        if self.log.closed:  # stopped before; its process group may be gone
+            return self.proc.returncode
         if self.running():
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)

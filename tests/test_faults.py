@@ -224,9 +224,11 @@ def test_trickling_clients_hold_a_worker_for_seconds_only(site, figures):
             f"after {answered:.1f}s; the server closed them after "
             f"{', '.join(f'{t:.1f}' for t in sorted(closed))}s")
     assert status == 200
-    # gunicorn's own sync worker serves them for as long as they trickle (25 s).
-    assert answered < 12
-    assert len(closed) == 2 and max(closed) < 12
+    # gunicorn's own sync worker serves them for as long as they trickle (25 s);
+    # the recipe's closes them about 10 s after their first bytes (the margin
+    # is for a busy machine).
+    assert answered < 18
+    assert len(closed) == 2 and max(closed) < 18
     assert "Traceback" not in site.gunicorn.output()
 
 

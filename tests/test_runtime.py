@@ -84,9 +84,9 @@ def test_live_pidfile_refuses_and_stale_one_does_not_block(fs, servers):
     assert line == (f"gunicorn-instance: already running as PID {first.pid} "
                     f"(pidfile {fs.path('var', 'gunicorn.pid')}); stop it first")
 
-    # A crash: the master and its worker die without removing the pidfile.
-    for pid in [*first.workers(), first.pid]:
-        os.kill(pid, signal.SIGKILL)
+    # A crash: the master and its worker die without removing the pidfile
+    # (all at once: a master killed first would leave no one to respawn).
+    os.killpg(first.pid, signal.SIGKILL)
     first.proc.wait()
     assert fs.path("var", "gunicorn.pid").read_text().strip() == str(first.pid)
     second = servers([fs.path("bin", "gunicorn-instance")], fs.dir, name="second")

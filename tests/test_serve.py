@@ -88,7 +88,7 @@ def test_trickling_clients_hold_a_thread_for_seconds_only(filestorage, servers, 
             f"silence: a request answered {status} after {answered:.1f}s; the server closed "
             f"them after {', '.join(f'{t:.1f}' for t in sorted(closed))}s")
     assert status == 200
-    assert answered < 12  # gunicorn's: when they stop, 25 s after their first bytes
+    assert answered < 18  # about 10 s; gunicorn's: when they stop, 25 s after their first bytes
     assert len(closed) == 4 and max(closed) < silent + 15
     assert server.stop() == 0
 

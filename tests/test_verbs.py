@@ -48,9 +48,11 @@ def cleanup(verbs):
         pidfile = verbs.path("var", f"{part}.pid")
         if pidfile.exists():
             try:
-                os.killpg(os.getpgid(int(pidfile.read_text())), signal.SIGKILL)
+                group = os.getpgid(int(pidfile.read_text()))
             except (ProcessLookupError, ValueError):
-                pass
+                continue
+            if group != os.getpgrp():  # a daemon has its own; never ours
+                os.killpg(group, signal.SIGKILL)
 
 
 def pid_of(buildout, part):
