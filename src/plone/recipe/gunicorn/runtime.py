@@ -174,8 +174,10 @@ def _log_hint(cfg):
     if cfg.logconfig:
         parser = configparser.ConfigParser(interpolation=None)
         parser.read(cfg.logconfig)
-        if parser.has_option("handler_eventlog", "args"):
+        try:  # the recipe's logging configuration; a user's may differ
             return ast.literal_eval(parser["handler_eventlog"]["args"])[0]
+        except (KeyError, ValueError, SyntaxError, TypeError, IndexError):
+            pass
     return cfg.errorlog if cfg.errorlog != "-" else "the server's log"
 
 
@@ -285,8 +287,10 @@ class PasteApplication(ZopeDefaults, WSGIApplication, ZopeMaster):
         user_config = server.pop("config", None)
         for name, value in server.items():
             self.cfg.set(name, value)
-        # As gunicorn's own paste runner does: a config file named in
-        # [server:main] is read after the block, so its settings win.
+        # A config file named in [server:main] (the part's config option) is
+        # read after the block, so its settings win, as in script mode, where
+        # gunicorn.conf.py runs it last.  (gunicorn's own paste runner reads
+        # it first.)
         if user_config:
             self.load_config_from_file(user_config)
 
