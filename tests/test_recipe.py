@@ -34,6 +34,7 @@ def built(new_buildout):
 
         [zeoclient]
         <= instance
+        recipe = plone.recipe.zope2instance >= 6.0
         zeo-client = on
         zeo-address = 127.0.0.1:9
         pipeline =

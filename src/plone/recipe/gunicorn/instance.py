@@ -6,6 +6,7 @@ database is shared with other processes (ZEO or RelStorage client).
 """
 
 import os
+import re
 
 import zc.buildout
 
@@ -23,7 +24,8 @@ class Instance:
                 "buildout; name the plone.recipe.zope2instance part to serve")
         # Looking the section up makes buildout install that part before ours.
         self.options = options = buildout[name]
-        recipe = options.get("recipe", "").split(":")[0].strip()
+        # "name", "name:entry", or a requirement: "name >= 6.0"
+        recipe = re.split(r"[\s:<>=!~\[;]", options.get("recipe", "").strip(), maxsplit=1)[0]
         if recipe not in INSTANCE_RECIPES:
             raise zc.buildout.UserError(
                 f"[{part}] instance = {name}: part [{name}] uses recipe "
