@@ -194,8 +194,8 @@ class ZopeMaster(BaseApplication):
     def run(self):
         try:  # as gunicorn's BaseApplication.run, with the recipe's arbiter
             ZopeArbiter(self, self.shared_database).run()
-        except RuntimeError as exc:
-            sys.exit(f"\nError: {exc}\n")
+        except RuntimeError as exc:  # gunicorn's "cannot start", in one line
+            sys.exit(f"Error: {exc}")
 
 
 class ZopeArbiter(Arbiter):
