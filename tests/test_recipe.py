@@ -38,8 +38,13 @@ def built(new_buildout):
         zeo-client = on
         zeo-address = 127.0.0.1:9
         pipeline =
+            translogger
             egg:Zope#httpexceptions
             zope
+        access-log = disable
+        sentry_dsn = https://key@sentry.example.org/1
+        sentry_level = WARNING
+        profile = on
 
         [gunicorn-zeo]
         recipe = plone.recipe.gunicorn
@@ -111,8 +116,22 @@ def test_shared_database_gets_workers_and_the_instance_pipeline(built):
     assert server["server:main"]["workers"] == str(os.cpu_count() + 1)
     assert server["server:main"]["worker_class"] == "plone.recipe.gunicorn.worker.ThreadWorker"
     assert server["server:main"]["threads"] == "2"
-    assert server["pipeline:main"]["pipeline"].split() == ["egg:Zope#httpexceptions", "zope"]
     assert server["app:zope"]["zope_conf"] == str(built.path("parts", "zeoclient", "etc", "zope.conf"))
+
+
+def test_instance_options_that_add_filters_add_them_here_too(built):
+    # As the instance's own wsgi.ini: access-log = disable drops the
+    # translogger, sentry_dsn and profile = on add their filters before zope.
+    ini = read_ini(built.path("parts", "gunicorn-zeo", "gunicorn.ini"))
+    assert ini["pipeline:main"]["pipeline"].split() == [
+        "egg:Zope#httpexceptions", "sentry", "profile", "zope"]
+    sentry = ini["filter:sentry"]
+    assert sentry["use"] == "egg:plone.recipe.zope2instance#sentry"
+    assert (sentry["dsn"], sentry["level"], sentry["event_level"]) == (
+        "https://key@sentry.example.org/1", "WARNING", "ERROR")
+    profile = ini["filter:profile"]
+    assert profile["use"] == "egg:repoze.profile"
+    assert profile["log_filename"] == str(built.path("var", "log", "profile-zeoclient.raw"))
 
 
 def test_scripts_are_named_after_the_part_and_carry_the_instance_eggs(built):
@@ -180,6 +199,9 @@ BROKEN = {
     "preload on ZEO": (
         "[gunicorn]\npreload_app = true\n[instance]\nzeo-client = on",
         ["[gunicorn] preload_app = 'true'", "forked worker"]),
+    "sentry in script mode": (
+        "[gunicorn]\nmode = script\n[instance]\nsentry_dsn = https://key@sentry.example.org/1",
+        ["[gunicorn] mode = script", "sets sentry_dsn", "use mode = ini"]),
     "pipeline filter unknown here": (
         "[instance]\npipeline = sentry zope",
         ["[instance] pipeline", "'sentry'", "egg:DISTRIBUTION#ENTRY_POINT"]),

@@ -42,9 +42,48 @@ class Instance:
         self.threads = options.get("threads", "4")
         self.eggs = options.get("eggs", "")
         self.extra_paths = options.get("extra-paths", "")
-        self.pipeline = (options.get("pipeline") or DEFAULT_PIPELINE).split()
+        self.pipeline, self.filters = self._pipeline(name, options)
         # A ZEO client cache in a file that one process may open (locked).
         self.zeo_client_client = options.get("zeo-client-client", "").strip()
+
+    def _pipeline(self, name, options):
+        """The pipeline the instance's own ``wsgi.ini`` runs, and the filter
+        sections it adds for its options: ``{filter name: {key: value}}``.
+
+        As plone.recipe.zope2instance makes them: ``access-log = disable``
+        drops the translogger; ``sentry_dsn`` and ``profile = on`` insert
+        their filters before ``zope``.
+        """
+        pipeline = (options.get("pipeline") or DEFAULT_PIPELINE).split()
+        access_log = options.get("z2-log", options.get("access-log", ""))
+        if access_log.strip().lower() == "disable":
+            pipeline = [entry for entry in pipeline if entry != "translogger"]
+        filters = {}
+        if options.get("sentry_dsn", "").strip():
+            filters["sentry"] = {
+                "use": "egg:plone.recipe.zope2instance#sentry",
+                "dsn": options["sentry_dsn"].strip(),
+                "level": options.get("sentry_level", "INFO"),
+                "event_level": options.get("sentry_event_level", "ERROR"),
+                "ignorelist": options.get("sentry_ignore", ""),
+                "max_value_length": options.get("sentry_max_value_length", ""),
+            }
+        if options.get("profile", "").strip() == "on":
+            log = os.path.join(self.var, "log")
+            filters["profile"] = {
+                "use": "egg:repoze.profile",
+                "log_filename": options.get(
+                    "profile_log_filename", os.path.join(log, f"profile-{name}.raw")),
+                "cachegrind_filename": options.get(
+                    "profile_cachegrind_filename", os.path.join(log, f"cachegrind.out.{name}")),
+                "discard_first_request": options.get("profile_discard_first_request", "true"),
+                "path": options.get("profile_path", "/__profile__"),
+                "flush_at_shutdown": options.get("profile_flush_at_shutdown", "true"),
+                "unwind": options.get("profile_unwind", "false"),
+            }
+        for entry in filters:
+            pipeline.insert(pipeline.index("zope") if "zope" in pipeline else len(pipeline), entry)
+        return pipeline, filters
 
     @property
     def shares_database(self):

@@ -273,11 +273,17 @@ class Recipe:
     def _pipeline(self):
         pipeline = list(self.instance.pipeline)
         for entry in pipeline:
-            if entry not in KNOWN_FILTERS and not entry.startswith("egg:"):
+            if (entry not in KNOWN_FILTERS and entry not in self.instance.filters
+                    and not entry.startswith("egg:")):
                 raise zc.buildout.UserError(
                     f"[{self.instance.name}] pipeline: {entry!r} is a filter section of "
                     "the instance's own wsgi.ini, which the gunicorn ini does not have; "
                     "name it as egg:DISTRIBUTION#ENTRY_POINT")
+        if self.mode == "script" and self.instance.filters:
+            option = {"sentry": "sentry_dsn", "profile": "profile"}[next(iter(self.instance.filters))]
+            raise zc.buildout.UserError(
+                f"[{self.name}] mode = script: part [{self.instance.name}] sets {option}, "
+                "whose filter takes settings that only an ini can give it; use mode = ini")
         if "zope" not in pipeline:
             pipeline.append("zope")
         return pipeline
@@ -299,7 +305,8 @@ class Recipe:
             "logconfig": os.path.join(self.location, "logging.ini"),
         }
         if self.mode == "ini":
-            rendered = render.ini_mode(context, self.settings, self.pipeline)
+            rendered = render.ini_mode(context, self.settings, self.pipeline,
+                                       self.instance.filters)
         else:
             server_settings = dict(self.settings)
             user_config = server_settings.pop("config", None)

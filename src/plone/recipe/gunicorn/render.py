@@ -35,11 +35,12 @@ def logging_ini(eventlog, accesslog, loglevel, gunicorn_access_level):
     )
 
 
-def ini_mode(context, server_settings, pipeline):
+def ini_mode(context, server_settings, pipeline, filters=None):
     """``gunicorn.ini``: PasteDeploy ini with a gunicorn ``[server:main]``.
 
     Requests are logged by the pipeline's translogger, as the instance does,
-    so gunicorn's own access logger stays quiet.
+    so gunicorn's own access logger stays quiet.  ``filters`` are more filter
+    sections, ``{name: {key: value}}`` (the instance's sentry and profile).
     """
     lines = []
     for name, value in sorted(server_settings.items()):
@@ -51,6 +52,9 @@ def ini_mode(context, server_settings, pipeline):
         context,
         server_settings="\n".join(lines),
         pipeline="\n    ".join(pipeline),
+        filters="".join(
+            f"[filter:{name}]\n" + "".join(f"{key} = {value}\n" for key, value in keys.items()) + "\n"
+            for name, keys in (filters or {}).items()),
         logging=logging_ini(context["eventlog"], context["accesslog"],
                             context["loglevel"], "WARNING"),
     )
