@@ -77,6 +77,7 @@ def test_ini_mode_defaults_for_a_filestorage_instance(built):
     var = built.path("var")
     assert server["bind"] == f"127.0.0.1:{built.port}"
     assert server["workers"] == "1"  # a FileStorage belongs to one process
+    assert server["shared_database"] == "false"  # for bin/instance running this ini
     # gunicorn's gthread worker that a silent client cannot hold, the instance's threads
     assert (server["worker_class"], server["threads"]) == (
         "plone.recipe.gunicorn.worker.ThreadWorker", "4")

@@ -2,6 +2,7 @@
 
 import json
 import re
+import signal
 import socket
 import time
 import urllib.parse
@@ -278,3 +279,28 @@ def test_header_check_counts_what_was_read_before():
                 assert time.monotonic() - began < 1
                 # and a header section still coming is still waited for
                 assert not header_arrived(server, 1, already=b"GET / HTTP/1.1\r\n")
+
+
+def test_bin_instance_pointed_at_the_ini_keeps_one_worker_on_a_filestorage(new_buildout, servers):
+    """The same route on a FileStorage: the ini tells the fresh master that
+    the database belongs to one process, so it refuses a second worker."""
+    http = free_port()
+    buildout = new_buildout("fsroute", f"""
+        [buildout]
+        extends = {REPO}/buildout.cfg
+
+        [instance]
+        http-address = 127.0.0.1:{http}
+        eggs =
+            Zope
+            plone.recipe.gunicorn
+        wsgi = ${{buildout:parts-directory}}/gunicorn/gunicorn.ini
+    """)
+    buildout.run()
+    address = f"127.0.0.1:{http}"
+    instance = servers([buildout.path("bin", "instance"), "console"], buildout.dir, name="instance")
+    assert wait_until_serving(instance, address) == 200
+    instance.signal(signal.SIGTTIN)  # the master: runwsgi's process, replaced by exec
+    instance.wait_for_output(lambda out: "keeping 1" in out, timeout=15)
+    assert wait_until_serving(instance, address) == 200
+    assert "LockError" not in instance.output()

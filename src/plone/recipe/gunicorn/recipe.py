@@ -305,6 +305,7 @@ class Recipe:
             "logconfig": os.path.join(self.location, "logging.ini"),
         }
         if self.mode == "ini":
+            context["shared_database"] = "true" if self.instance.shares_database else "false"
             rendered = render.ini_mode(context, self.settings, self.pipeline,
                                        self.instance.filters)
         else:

@@ -302,7 +302,7 @@ def server_settings(ini, section="server:main"):
     return {
         settings.setting_name(key): settings.convert(key, value)
         for key, value in parser.items(section)
-        if key != "use"
+        if key not in ("use", "shared_database")  # the recipe's, read by serve()
     }
 
 
@@ -318,8 +318,9 @@ def serve(app, global_conf, **local_conf):
     ini = os.path.abspath(global_conf["__file__"])
     path = os.pathsep.join(entry for entry in sys.path if entry)
     env = dict(os.environ, PYTHONPATH=path)
+    shared = {"true": "True", "false": "False"}.get(local_conf.get("shared_database"), "None")
     code = ("import sys; from plone.recipe.gunicorn.runtime import main; "
-            "main('ini', sys.argv[1], [], prog=sys.argv[2])")
+            f"main('ini', sys.argv[1], [], shared_database={shared}, prog=sys.argv[2])")
     sys.stdout.flush()
     sys.stderr.flush()
     prog = os.path.basename(sys.argv[0])
