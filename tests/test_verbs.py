@@ -1,5 +1,6 @@
 """bin/<part>-instance verbs, against a real server: fg start stop restart reload status check debug."""
 
+import contextlib
 import os
 import re
 import signal
@@ -118,16 +119,23 @@ def test_stop_fails_when_the_server_does_not_go(verbs, cleanup):
         time.sleep(0.1)
 
 
-def test_start_fails_when_no_worker_can_load_zope(verbs, cleanup):
-    # The master listens, and the kernel accepts connections, before any
-    # worker has loaded Zope; here none can.
-    zope_conf = verbs.path("parts", "instance", "etc", "zope.conf")
+@contextlib.contextmanager
+def broken_zope_conf(buildout):
+    """The instance's zope.conf with a directive Zope does not know, meanwhile."""
+    zope_conf = buildout.path("parts", "instance", "etc", "zope.conf")
     good = zope_conf.read_text()
     zope_conf.write_text(good + "\nno-such-directive on\n")
     try:
-        status, out = script(verbs, "gunicorn", "start")
+        yield
     finally:
         zope_conf.write_text(good)
+
+
+def test_start_fails_when_no_worker_can_load_zope(verbs, cleanup):
+    # The master listens, and the kernel accepts connections, before any
+    # worker has loaded Zope; here none can.
+    with broken_zope_conf(verbs):
+        status, out = script(verbs, "gunicorn", "start")
     log = verbs.path("var", "log", "gunicorn.log")
     assert (status, out) == (1, f"gunicorn-instance: did not start; see {log}")
     assert "no-such-directive" in log.read_text()
@@ -160,13 +168,8 @@ def test_check_leaves_the_filestorage_index_valid(verbs):
 
 
 def test_check_reports_an_application_that_does_not_load(verbs):
-    zope_conf = verbs.path("parts", "instance", "etc", "zope.conf")
-    good = zope_conf.read_text()
-    zope_conf.write_text(good + "\nno-such-directive on\n")
-    try:
+    with broken_zope_conf(verbs):
         status, out = script(verbs, "gunicorn-script", "check")
-    finally:
-        zope_conf.write_text(good)
     assert status == 1
     assert "no-such-directive" in out
     assert out.splitlines()[-1] == "gunicorn-script-instance: the application does not load (see above)"
