@@ -34,16 +34,6 @@ RECIPE_OPTIONS = frozenset({
 # Filters the generated ini defines; other pipeline entries must be egg: URIs.
 KNOWN_FILTERS = ("translogger", "zope")
 
-# Values gunicorn accepts that cannot serve Zope: setting -> (test, what is right).
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-STRICTER = {
-    "workers": (lambda n: n >= 1, "at least 1 is needed: with none the server "
-                "accepts connections and answers none"),
-    "threads": (lambda n: n >= 1, "at least 1 is needed"),
-    "loglevel": (lambda level: level.lower() in LOG_LEVELS,
-                 f"use one of {', '.join(LOG_LEVELS)} (it also sets the event log's level)"),
-}
-
 # Switches, written as plone.recipe.zope2instance reads its own.
 TRUE = ("on", "true", "yes", "1")
 FALSE = ("off", "false", "no", "0")
@@ -196,7 +186,7 @@ class Recipe:
             except gsettings.SettingError as exc:
                 raise zc.buildout.UserError(
                     f"[{self.name}] {option} = {value.strip()!r}: {exc.reason}")
-        for setting, (good, right) in STRICTER.items():
+        for setting, (good, right) in gsettings.STRICTER.items():
             if setting in result and not good(result[setting]):
                 option = given[setting]
                 raise zc.buildout.UserError(

@@ -15,6 +15,7 @@ import difflib
 import re
 
 from gunicorn.config import Config
+from gunicorn.glogging import Logger
 
 # Settings that hold lists take one item per line; bind, like http-address,
 # also takes white space between addresses.
@@ -26,6 +27,18 @@ _FLAG_ACTIONS = {"store_true", "store_false", "store_const"}
 # cannot hold (worker.py).
 SYNC_WORKER = "plone.recipe.gunicorn.worker.SyncWorker"
 THREAD_WORKER = "plone.recipe.gunicorn.worker.ThreadWorker"
+
+# gunicorn's log levels, least severe first.
+LOG_LEVELS = sorted(Logger.LOG_LEVELS, key=Logger.LOG_LEVELS.get)
+
+# Values gunicorn accepts that cannot serve Zope: setting -> (test, what is right).
+STRICTER = {
+    "workers": (lambda n: n >= 1, "at least 1 is needed: with none the server "
+                "accepts connections and answers none"),
+    "threads": (lambda n: n >= 1, "at least 1 is needed"),
+    "loglevel": (lambda level: level.lower() in LOG_LEVELS,
+                 f"use one of {', '.join(LOG_LEVELS)} (it also sets the event log's level)"),
+}
 
 
 class SettingError(ValueError):
