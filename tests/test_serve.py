@@ -4,6 +4,7 @@ import json
 import re
 import signal
 import socket
+import textwrap
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
@@ -223,17 +224,13 @@ def run(*args):
     return result.stdout
 
 
-def test_bin_instance_pointed_at_the_ini_serves_from_fresh_workers(new_buildout, servers):
-    """``wsgi = <the gunicorn ini>`` in the instance part: ``bin/instance console``
-    loads Zope once in its own process, so that process gives way to a fresh
-    gunicorn master whose two workers each open their own ZEO connection."""
-    http, zeo = free_port(), free_port()
-    buildout = new_buildout("route", f"""
+def instance_running_the_ini(new_buildout, name, extends, more=""):
+    """A built buildout whose instance part runs the gunicorn part's ini
+    (``wsgi = ...``); returns it and the address it serves on."""
+    http = free_port()
+    buildout = new_buildout(name, textwrap.dedent(f"""
         [buildout]
-        extends = {REPO}/gunicorn.cfg
-
-        [zeoserver]
-        zeo-address = 127.0.0.1:{zeo}
+        extends = {REPO}/{extends}
 
         [instance]
         http-address = 127.0.0.1:{http}
@@ -241,9 +238,18 @@ def test_bin_instance_pointed_at_the_ini_serves_from_fresh_workers(new_buildout,
             Zope
             plone.recipe.gunicorn
         wsgi = ${{buildout:parts-directory}}/gunicorn/gunicorn.ini
-    """)
+    """) + "\n" + more)
     buildout.run()
-    address = f"127.0.0.1:{http}"
+    return buildout, f"127.0.0.1:{http}"
+
+
+def test_bin_instance_pointed_at_the_ini_serves_from_fresh_workers(new_buildout, servers):
+    """``wsgi = <the gunicorn ini>`` in the instance part: ``bin/instance console``
+    loads Zope once in its own process, so that process gives way to a fresh
+    gunicorn master whose two workers each open their own ZEO connection."""
+    zeo = free_port()
+    buildout, address = instance_running_the_ini(
+        new_buildout, "route", "gunicorn.cfg", f"[zeoserver]\nzeo-address = 127.0.0.1:{zeo}")
     servers([buildout.path("bin", "zeoserver"), "fg"], buildout.dir, name="zeoserver")
     wait_for_port(f"127.0.0.1:{zeo}")
     instance = servers([buildout.path("bin", "instance"), "console"], buildout.dir, name="instance")
@@ -284,20 +290,7 @@ def test_header_check_counts_what_was_read_before():
 def test_bin_instance_pointed_at_the_ini_keeps_one_worker_on_a_filestorage(new_buildout, servers):
     """The same route on a FileStorage: the ini tells the fresh master that
     the database belongs to one process, so it refuses a second worker."""
-    http = free_port()
-    buildout = new_buildout("fsroute", f"""
-        [buildout]
-        extends = {REPO}/buildout.cfg
-
-        [instance]
-        http-address = 127.0.0.1:{http}
-        eggs =
-            Zope
-            plone.recipe.gunicorn
-        wsgi = ${{buildout:parts-directory}}/gunicorn/gunicorn.ini
-    """)
-    buildout.run()
-    address = f"127.0.0.1:{http}"
+    buildout, address = instance_running_the_ini(new_buildout, "fsroute", "buildout.cfg")
     instance = servers([buildout.path("bin", "instance"), "console"], buildout.dir, name="instance")
     assert wait_until_serving(instance, address) == 200
     instance.signal(signal.SIGTTIN)  # the master: runwsgi's process, replaced by exec
