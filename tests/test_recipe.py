@@ -5,12 +5,14 @@ import gzip
 import http.client
 import os
 import runpy
+import shutil
 import socket
 import sys
+import zipfile
 
 import pytest
 
-from conftest import REPO, free_port, request, wait_until_serving
+from conftest import EGGS, REPO, free_port, request, wait_until_serving
 
 
 @pytest.fixture(scope="module")
@@ -365,3 +367,58 @@ def test_script_mode_serves_the_instance_pipeline(new_buildout, servers):
     assert response.getheader("Content-Encoding") == "gzip"  # the pipeline's filter
     assert b"<html" in gzip.decompress(body).lower()
     assert server.stop() == 0
+
+
+PROBE = "plone_recipe_gunicorn_probe"
+
+
+def _wheel(directory, name, version="1.0"):
+    """A one-module wheel written by hand: a distribution no index has."""
+    dist_info = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}.py": "",
+        f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{dist_info}/WHEEL": ("Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\n"
+                               "Tag: py3-none-any\n"),
+    }
+    files[f"{dist_info}/RECORD"] = "".join(f"{path},,\n" for path in [*files, f"{dist_info}/RECORD"])
+    with zipfile.ZipFile(directory / f"{name}-{version}-py3-none-any.whl", "w") as wheel:
+        for path, text in files.items():
+            wheel.writestr(path, text)
+
+
+def _forget_probe():
+    for path in [*EGGS.glob(f"{PROBE}-*"), *EGGS.glob(f"*/{PROBE}-*")]:  # eggs/v5/ too
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+@pytest.mark.parametrize("section, option", [
+    ("gunicorn", "find-links"), ("instance", "find-links"), ("gunicorn", "index")])
+def test_part_eggs_are_found_where_the_part_or_its_instance_says(
+        new_buildout, tmp_path, section, option):
+    # A private egg, found through the part's find-links or index, else the
+    # instance's, as zc.recipe.egg reads them.  [buildout]'s index is empty:
+    # found there it would prove nothing (and PyPI is not asked).
+    (tmp_path / "empty").mkdir()
+    project = tmp_path / "private" / PROBE.replace("_", "-")  # a simple index
+    project.mkdir(parents=True)
+    _wheel(project, PROBE)
+    where = project if option == "find-links" else project.parent
+    buildout = new_buildout(f"{option}-{section}", f"""
+        [buildout]
+        extends = {REPO}/buildout.cfg
+        index = {(tmp_path / "empty").as_uri()}
+
+        [gunicorn]
+        eggs = {PROBE}
+
+        [{section}]
+        {option} = {where.as_uri()}
+    """)
+    _forget_probe()  # installed by an earlier run, it would be found anyway
+    try:
+        buildout.run()
+        script = buildout.path("bin", "gunicorn-instance").read_text()
+    finally:
+        _forget_probe()
+    assert f"/{PROBE}-1.0-" in script

@@ -22,13 +22,13 @@ MODES = ("ini", "script")
 # Options that belong to the recipe; every other option is a gunicorn setting.
 RECIPE_OPTIONS = frozenset({
     "recipe", "instance", "mode", "script-name", "var", "eggs", "extra-paths",
+    "find-links", "index",
     "systemd-unit", "systemd-socket", "systemd-user", "systemd-group",
     "logrotate", "supervisor",
     # written by the recipe or by zc.recipe.egg, for other parts to read
     "location", "config-file", "script", "executable",
     "systemd-unit-file", "systemd-socket-file", "logrotate-file", "supervisor-file",
     "eggs-directory", "develop-eggs-directory", "_e", "_d", "_b",
-    "find-links", "index",
 })
 
 # Filters the generated ini defines; other pipeline entries must be egg: URIs.
@@ -338,9 +338,15 @@ class Recipe:
     def _working_set(self):
         """The instance's working set (what plone.recipe.zope2instance itself
         uses, so ZEO, RelStorage and the instance's eggs are importable) plus
-        this recipe and gunicorn, plus the part's own ``eggs``."""
-        eggs = "\n".join([self.instance.eggs, self.options.get("eggs", "")])
-        egg = zc.recipe.egg.Egg(self.buildout, self.name, {"eggs": eggs})
+        this recipe and gunicorn, plus the part's own ``eggs``, found through
+        the part's ``find-links`` and ``index``, else the instance's, else
+        ``[buildout]``'s."""
+        options = {"eggs": "\n".join([self.instance.eggs, self.options.get("eggs", "")])}
+        for option in ("find-links", "index"):
+            value = self.options.get(option, self.instance.options.get(option))
+            if value is not None:
+                options[option] = value
+        egg = zc.recipe.egg.Egg(self.buildout, self.name, options)
         return egg.working_set(["plone.recipe.zope2instance", "plone.recipe.gunicorn"])[1]
 
     def _scripts(self, working_set):
