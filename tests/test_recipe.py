@@ -7,6 +7,7 @@ import os
 import runpy
 import shutil
 import socket
+import subprocess
 import sys
 import zipfile
 
@@ -108,6 +109,16 @@ def test_script_mode_writes_gunicorn_config_and_app_module(built):
     app = (location / "gunicornapp.py").read_text()
     assert repr(str(built.path("parts", "instance", "etc", "zope.conf"))) in app
     assert "application = " in app
+
+
+def test_gunicorns_check_config_loads_the_application_as_check_does(built):
+    # gunicorn's own --check-config loads the app before it puts script
+    # mode's pythonpath on sys.path: "No module named 'gunicornapp'".
+    result = subprocess.run(
+        [built.path("bin", "gunicorn-script-instance"), "--check-config"],
+        cwd=built.dir, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "configuration and application OK" in result.stdout
 
 
 def test_shared_database_gets_workers_and_the_instance_pipeline(built):

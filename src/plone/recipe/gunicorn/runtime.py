@@ -69,11 +69,15 @@ def main(mode, config, argv=None, shared_database=None, prog=None):
         sys.exit(control.OK)  # LSB: starting a running service succeeds
     try:
         preflight.check_database_safety(cfg, shared_database)
-        if verb == "check":
+        if verb == "check" or cfg.check_config or cfg.print_config:
+            # gunicorn's --check-config and --print-config load the
+            # application too: here as ``check`` loads it, with script mode's
+            # pythonpath, and closing the database after.
+            if cfg.print_config:
+                print(cfg)
             sys.exit(control.check(application, prog))
-        if not (cfg.check_config or cfg.print_config):
-            preflight.check_pidfile(cfg, prog)
-            preflight.check_binds(cfg)
+        preflight.check_pidfile(cfg, prog)
+        preflight.check_binds(cfg)
     except preflight.Refused as refused:
         sys.exit(f"{prog}: {refused}")
     if verb == "start":
