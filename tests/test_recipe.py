@@ -4,6 +4,7 @@ import configparser
 import gzip
 import http.client
 import os
+import re
 import runpy
 import shutil
 import socket
@@ -119,6 +120,31 @@ def test_gunicorns_check_config_loads_the_application_as_check_does(built):
         cwd=built.dir, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "configuration and application OK" in result.stdout
+
+
+@pytest.mark.parametrize("part, port_offset", [("gunicorn", 0), ("gunicorn-script", 1)])
+def test_a_config_file_on_the_command_line_is_read_after_the_parts(
+        built, tmp_path, part, port_offset):
+    # Started from elsewhere: gunicorn would read a gunicorn.conf.py there
+    # when no -c is given, and a -c FILE instead of the part's own file.
+    (tmp_path / "gunicorn.conf.py").write_text('proc_name = "stray"\n')
+    extra = tmp_path / "extra.py"
+    extra.write_text("max_requests = 5\nmax_requests_jitter = 2\n")
+
+    def printed(*args):
+        result = subprocess.run(
+            [built.path("bin", f"{part}-instance"), "--print-config", *args],
+            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert "configuration and application OK" in result.stdout
+        return dict(re.findall(r"^(\w+)\s+= (.*)$", result.stdout, re.M))
+
+    assert printed()["proc_name"] == part
+    settings = printed("-c", str(extra), "--max-requests", "7")
+    assert settings["proc_name"] == part  # the part's configuration first
+    assert settings["bind"] == f"['127.0.0.1:{built.port + port_offset}']"
+    assert settings["max_requests_jitter"] == "2"  # then the file
+    assert settings["max_requests"] == "7"  # then the command line
 
 
 def test_shared_database_gets_workers_and_the_instance_pipeline(built):

@@ -95,13 +95,13 @@ def make_application(mode, config, args, prog, shared_database=None):
     # gunicorn parses sys.argv, and a USR2 runs it again: the script's path first.
     script = os.path.abspath(sys.argv[0]) if os.path.isfile(sys.argv[0]) else prog
     if mode == "ini":
-        sys.argv = [script, *args]
-        application = PasteApplication(config, prog=prog)
+        application_class = PasteApplication
     elif mode == "script":
-        sys.argv = [script, "-c", config, *args]
-        application = ScriptApplication("%(prog)s [VERB] [OPTIONS]", prog=prog)
+        application_class = ScriptApplication
     else:
         sys.exit(f"{prog}: unknown mode {mode!r}; expected ini or script")
+    sys.argv = [script, "-c", config, *args]
+    application = application_class(config, prog=prog)
     application.shared_database = shared_database
     return application
 
@@ -267,27 +267,50 @@ class ZopeArbiter(Arbiter):
             time.sleep(0.1)
 
 
-class ScriptApplication(ZopeDefaults, WSGIApplication, ZopeMaster):
-    """gunicorn's command line, with the recipe's ``-c gunicorn.conf.py``."""
+class PartConfig:
+    """The part's configuration, read first and always.
 
+    ``make_application`` names the part's file with ``-c``, so gunicorn
+    never looks for a ``gunicorn.conf.py`` in whatever directory the server
+    is started from; a ``-c FILE`` on the command line replaces that
+    argument, and is read after the part's configuration, not instead of it.
+    """
 
-class PasteApplication(ZopeDefaults, WSGIApplication, ZopeMaster):
-    """gunicorn serving a PasteDeploy ini, settings from its ``[server:main]``."""
-
-    def __init__(self, ini, prog=None):
-        self.ini = os.path.abspath(ini)
+    def __init__(self, config, prog=None):
+        self.config = os.path.abspath(config)
         super().__init__("%(prog)s [VERB] [OPTIONS]", prog=prog)
 
+    def load_config_from_file(self, filename):
+        self.load_part_config()
+        if os.path.abspath(filename) != self.config:
+            return super().load_config_from_file(filename)
+
+    def load_part_config(self):
+        raise NotImplementedError
+
+
+class ScriptApplication(PartConfig, ZopeDefaults, WSGIApplication, ZopeMaster):
+    """gunicorn's command line, with the recipe's ``gunicorn.conf.py``."""
+
+    def load_part_config(self):
+        WSGIApplication.load_config_from_file(self, self.config)
+
+
+class PasteApplication(PartConfig, ZopeDefaults, WSGIApplication, ZopeMaster):
+    """gunicorn serving a PasteDeploy ini, settings from its ``[server:main]``."""
+
     def init(self, parser, opts, args):
-        if not os.path.exists(self.ini):
-            raise RuntimeError(f"{self.ini} not found; run buildout")
+        if not os.path.exists(self.config):
+            raise RuntimeError(f"{self.config} not found; run buildout")
         # WSGIApplication.load() then calls PasteDeploy's loadapp, per worker.
-        self.cfg.set("paste", self.ini)
-        self.cfg.set("default_proc_name", self.ini)
-        self.app_uri = "config:" + self.ini
-        if has_logging_config(self.ini):
-            self.cfg.set("logconfig", self.ini)
-        server = server_settings(self.ini)
+        self.cfg.set("paste", self.config)
+        self.cfg.set("default_proc_name", self.config)
+        self.app_uri = "config:" + self.config
+        if has_logging_config(self.config):
+            self.cfg.set("logconfig", self.config)
+
+    def load_part_config(self):
+        server = server_settings(self.config)
         user_config = server.pop("config", None)
         for name, value in server.items():
             self.cfg.set(name, value)
@@ -296,7 +319,7 @@ class PasteApplication(ZopeDefaults, WSGIApplication, ZopeMaster):
         # gunicorn.conf.py runs it last.  (gunicorn's own paste runner reads
         # it first.)
         if user_config:
-            self.load_config_from_file(user_config)
+            WSGIApplication.load_config_from_file(self, user_config)
 
 
 def server_settings(ini, section="server:main"):
