@@ -286,6 +286,8 @@ class PartConfig:
             return super().load_config_from_file(filename)
 
     def load_part_config(self):
+        """Read the part's files, with ``WSGIApplication.load_config_from_file``
+        (gunicorn's, not the method above)."""
         raise NotImplementedError
 
 
