@@ -1,6 +1,7 @@
 """End to end: the repository's own buildouts, a real Zope, ZEO server and gunicorn."""
 
 import json
+import os
 import re
 import signal
 import socket
@@ -132,6 +133,39 @@ def load(address, paths, method="GET", body=None, auth=None, concurrency=20):
         return list(pool.map(one, paths))
 
 
+def reads_and_writes_through_every_worker(gunicorn, address, workers, label):
+    """200 reads, then 200 writes, at 20 concurrent connections: all answered
+    200, every worker serving, none dying.  Returns the ids of the folders
+    written, each titled ``title of <id>``."""
+    before = {pid: cpu_ticks(pid) for pid in workers}
+    statuses = load(address, ["/"] * 200)
+    used = {pid: cpu_ticks(pid) - before[pid] for pid in workers}
+    print(f"\n{label}: 200 reads at 20 concurrent: {statuses.count(200)} answered 200; "
+          f"worker CPU ticks {used}")
+    assert statuses == [200] * 200
+    assert all(ticks > 0 for ticks in used.values()), used
+
+    # Each write to its own object.  The objects are added one by one first:
+    # concurrent additions to one plain folder conflict by ZODB design,
+    # whatever the server.
+    ids = [f"f{i}" for i in range(200)]
+    for oid in ids:
+        status, _ = request(address, "/manage_addProduct/OFSP/manage_addFolder", "POST",
+                            urllib.parse.urlencode({"id": oid}), auth=ADMIN)
+        assert status in (200, 302), (oid, status)
+    before = {pid: cpu_ticks(pid) for pid in workers}
+    statuses = load(address, [f"/{oid}/manage_changeProperties" for oid in ids], "POST",
+                    body=lambda path: urllib.parse.urlencode({"title": "title of " + path.split("/")[1]}),
+                    auth=ADMIN)
+    used = {pid: cpu_ticks(pid) - before[pid] for pid in workers}
+    print(f"{label}: 200 writes at 20 concurrent: {statuses.count(200)} answered 200; "
+          f"worker CPU ticks {used}")
+    assert statuses == [200] * 200
+    assert all(ticks > 0 for ticks in used.values()), used
+    assert set(gunicorn.workers()) == set(workers)  # no worker died on the way
+    return ids
+
+
 @pytest.mark.parametrize("config, mode", [("gunicorn.cfg", "ini"), ("gunicorn-alt.cfg", "script")])
 def test_zeo_two_workers_from_an_empty_database(new_buildout, servers, config, mode):
     http, zeo = free_port(), free_port()
@@ -162,33 +196,7 @@ def test_zeo_two_workers_from_an_empty_database(new_buildout, servers, config, m
     assert "Worker failed to boot" not in gunicorn.output()
     assert "ConflictError" not in gunicorn.output()
 
-    # 200 reads at 20 concurrent connections, served by both workers.
-    before = {pid: cpu_ticks(pid) for pid in workers}
-    statuses = load(address, ["/"] * 200)
-    used = {pid: cpu_ticks(pid) - before[pid] for pid in workers}
-    print(f"\n{config}: 200 reads at 20 concurrent: {statuses.count(200)} answered 200; "
-          f"worker CPU ticks {used}")
-    assert statuses == [200] * 200
-    assert all(ticks > 0 for ticks in used.values()), used
-
-    # 200 writes at 20 concurrent, each to its own object.  The objects are
-    # added one by one first: concurrent additions to one plain folder
-    # conflict by ZODB design, whatever the server.
-    ids = [f"f{i}" for i in range(200)]
-    for oid in ids:
-        status, _ = request(address, "/manage_addProduct/OFSP/manage_addFolder", "POST",
-                            urllib.parse.urlencode({"id": oid}), auth=ADMIN)
-        assert status in (200, 302), (oid, status)
-    before = {pid: cpu_ticks(pid) for pid in workers}
-    statuses = load(address, [f"/{oid}/manage_changeProperties" for oid in ids], "POST",
-                    body=lambda path: urllib.parse.urlencode({"title": "title of " + path.split("/")[1]}),
-                    auth=ADMIN)
-    used = {pid: cpu_ticks(pid) - before[pid] for pid in workers}
-    print(f"{config}: 200 writes at 20 concurrent: {statuses.count(200)} answered 200; "
-          f"worker CPU ticks {used}")
-    assert statuses == [200] * 200
-    assert all(ticks > 0 for ticks in used.values()), used
-    assert set(gunicorn.workers()) == set(workers)  # no worker died on the way
+    ids = reads_and_writes_through_every_worker(gunicorn, address, workers, config)
 
     assert gunicorn.stop() == 0
     assert zeoserver.stop() in (0, -15)
@@ -222,6 +230,63 @@ def run(*args):
     result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
+
+
+def test_relstorage_gets_a_worker_per_core_and_one_more(new_buildout, servers):
+    # RelStorage is a shared database as ZEO is.  On SQLite, the one
+    # RelStorage database that needs no server here, its processes share one
+    # file on one host.
+    http = free_port()
+    buildout = new_buildout("relstorage", f"""
+        [buildout]
+        extends = {REPO}/buildout.cfg
+
+        [instance]
+        http-address = 127.0.0.1:{http}
+        eggs =
+            Zope
+            RelStorage
+        rel-storage =
+            type sqlite3
+            data-dir ${{buildout:directory}}/var/relstorage
+    """)
+    buildout.run()
+    address = f"127.0.0.1:{http}"
+    gunicorn = servers([buildout.path("bin", "gunicorn-instance")], buildout.dir, name="gunicorn")
+    assert wait_until_serving(gunicorn, address) == 200
+    expected = os.cpu_count() + 1  # the default on a shared database
+    gunicorn.wait_for_output(lambda out: out.count("Ready to handle requests") >= expected, 30)
+    workers = gunicorn.workers()
+    assert len(workers) == expected, gunicorn.output()
+    assert "Using worker: plone.recipe.gunicorn.worker.SyncWorker" in gunicorn.output()
+
+    ids = reads_and_writes_through_every_worker(gunicorn, address, workers, "RelStorage")
+    assert gunicorn.stop() == 0
+
+    interpreter = buildout.path("parts", "instance", "bin", "interpreter")
+    data_dir = buildout.path("var", "relstorage")
+    titles = json.loads(run(interpreter, "-c", RELSTORAGE_TITLES.format(data_dir=str(data_dir))))
+    assert titles == {oid: f"title of {oid}" for oid in ids}
+
+
+RELSTORAGE_TITLES = """
+import json
+import ZODB.config
+db = ZODB.config.databaseFromString('''
+%import relstorage
+<zodb>
+  <relstorage>
+    read-only true
+    <sqlite3>
+      data-dir {data_dir}
+    </sqlite3>
+  </relstorage>
+</zodb>
+''')
+app = db.open().root()['Application']
+print(json.dumps({{oid: app[oid].title for oid in app.objectIds() if oid.startswith('f')}}))
+db.close()
+"""
 
 
 def instance_running_the_ini(new_buildout, name, extends, more=""):
