@@ -131,10 +131,11 @@ def test_a_config_file_on_the_command_line_is_read_after_the_parts(
     extra = tmp_path / "extra.py"
     extra.write_text("max_requests = 5\nmax_requests_jitter = 2\n")
 
-    def printed(*args):
+    def printed(*args, env=None):
         result = subprocess.run(
             [built.path("bin", f"{part}-instance"), "--print-config", *args],
-            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+            cwd=tmp_path, capture_output=True, text=True, timeout=60,
+            env={**os.environ, **(env or {})})
         assert result.returncode == 0, result.stderr
         assert "configuration and application OK" in result.stdout
         return dict(re.findall(r"^(\w+)\s+= (.*)$", result.stdout, re.M))
@@ -145,6 +146,10 @@ def test_a_config_file_on_the_command_line_is_read_after_the_parts(
     assert settings["bind"] == f"['127.0.0.1:{built.port + port_offset}']"
     assert settings["max_requests_jitter"] == "2"  # then the file
     assert settings["max_requests"] == "7"  # then the command line
+    # gunicorn's environment variable, as gunicorn reads it: after the file
+    settings = printed(env={"GUNICORN_CMD_ARGS": f"-c {extra} --max-requests 9"})
+    assert (settings["proc_name"], settings["max_requests_jitter"], settings["max_requests"]) == (
+        part, "2", "9")
 
 
 def test_shared_database_gets_workers_and_the_instance_pipeline(built):

@@ -282,7 +282,12 @@ class PartConfig:
 
     def load_config_from_file(self, filename):
         self.load_part_config()
-        if os.path.abspath(filename) != self.config:
+        if os.path.abspath(filename) == self.config:
+            # gunicorn reads a -c FILE in GUNICORN_CMD_ARGS when the command
+            # line has none; here the part's file stands in for that.
+            env = self.cfg.parser().parse_args(self.cfg.get_cmd_args_from_env())
+            filename = env.config
+        if filename and os.path.abspath(filename) != self.config:
             return super().load_config_from_file(filename)
 
     def load_part_config(self):
