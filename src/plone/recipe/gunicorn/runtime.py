@@ -101,9 +101,7 @@ def make_application(mode, config, args, prog, shared_database=None):
     else:
         sys.exit(f"{prog}: unknown mode {mode!r}; expected ini or script")
     sys.argv = [script, "-c", config, *args]
-    application = application_class(config, prog=prog)
-    application.shared_database = shared_database
-    return application
+    return application_class(config, prog=prog, shared_database=shared_database)
 
 
 class ZopeDefaults:
@@ -255,16 +253,12 @@ class ZopeArbiter(Arbiter):
 
     def stop_workers(self):
         """Stop every worker as gunicorn's ``stop()`` does, still listening."""
-        self.kill_workers(signal.SIGTERM)
-        deadline = time.monotonic() + self.cfg.graceful_timeout
-        while self.WORKERS and time.monotonic() < deadline:
-            self.reap_workers()
-            time.sleep(0.1)
-        self.kill_workers(signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while self.WORKERS and time.monotonic() < deadline:
-            self.reap_workers()
-            time.sleep(0.1)
+        for signum, seconds in ((signal.SIGTERM, self.cfg.graceful_timeout), (signal.SIGKILL, 10)):
+            self.kill_workers(signum)
+            deadline = time.monotonic() + seconds
+            while self.WORKERS and time.monotonic() < deadline:
+                self.reap_workers()
+                time.sleep(0.1)
 
 
 class PartConfig:
@@ -276,8 +270,9 @@ class PartConfig:
     argument, and is read after the part's configuration, not instead of it.
     """
 
-    def __init__(self, config, prog=None):
+    def __init__(self, config, prog=None, shared_database=None):
         self.config = os.path.abspath(config)
+        self.shared_database = shared_database  # for ZopeMaster
         super().__init__("%(prog)s [VERB] [OPTIONS]", prog=prog)
 
     def load_config_from_file(self, filename):
