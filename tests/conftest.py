@@ -257,6 +257,17 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(self.socket_path)
 
 
+def eventually(condition, timeout, why="", interval=0.1):
+    """Wait until ``condition()`` is true and return it; after ``timeout``
+    seconds fail, saying ``why`` (a text, or a function giving one)."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() >= deadline:
+            pytest.fail(f"not within {timeout}s: {why() if callable(why) else why}")
+        time.sleep(interval)
+    return value
+
+
 def wait_until_serving(server, address, path="/", timeout=90):
     """Wait for the first answer from ``address``; fail with the server's output if none."""
     deadline = time.monotonic() + timeout

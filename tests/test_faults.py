@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (ADMIN, REPO, children, free_port, lingering_clients, request, running,
+from conftest import (ADMIN, REPO, children, eventually, free_port, lingering_clients, request, running,
                       trickling_clients, wait_for_port, wait_until_serving)
 
 LOADGEN = Path(__file__).with_name("loadgen.py")
@@ -74,13 +74,11 @@ class Site:
         wait_for_port(self.buildout.zeo_address)
 
     def wait_for_workers(self, count, other_than=(), timeout=60):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def new_workers():
             workers = set(self.gunicorn.workers()) - set(other_than)
-            if len(workers) >= count:
-                return workers
-            time.sleep(0.1)
-        pytest.fail(f"expected {count} new workers:\n{self.gunicorn.output()}")
+            return workers if len(workers) >= count else None
+        return eventually(new_workers, timeout,
+                          lambda: f"expected {count} new workers:\n{self.gunicorn.output()}")
 
     def ensure_folders(self):
         for k in range(WRITER_FOLDERS):
@@ -252,10 +250,8 @@ def test_usr1_reopens_logs_after_rotation(site, figures):
     event.rename(log_dir / "gunicorn.log.1")
     access.rename(log_dir / "gunicorn-access.log.1")
     site.gunicorn.signal(signal.SIGUSR1)
-    deadline = time.monotonic() + 10
-    while not (event.exists() and "Handling signal: usr1" in event.read_text()):
-        assert time.monotonic() < deadline, "the event log was not reopened"
-        time.sleep(0.1)
+    eventually(lambda: event.exists() and "Handling signal: usr1" in event.read_text(), 10,
+               "the event log was not reopened")
     for _ in range(20):
         assert request(site.address, "/rotated")[0] == 404
     time.sleep(0.5)
@@ -272,28 +268,24 @@ def test_usr2_starts_a_new_master_that_takes_over(site, figures):
     pidfile = site.buildout.path("var", "gunicorn.pid")
     old = site.gunicorn.pid
     site.gunicorn.signal(signal.SIGUSR2)
-    deadline = time.monotonic() + 60
-    while not (pidfile.with_name("gunicorn.pid.2").exists()
-               and len(children(new := int(pidfile.with_name("gunicorn.pid.2").read_text()))) == 2):
-        assert time.monotonic() < deadline, site.gunicorn.output()[-3000:]
-        time.sleep(0.2)
+    new_pidfile = pidfile.with_name("gunicorn.pid.2")
+
+    def new_master_with_workers():
+        new = new_pidfile.exists() and int(new_pidfile.read_text())
+        return new if new and len(children(new)) == 2 else None
+    new = eventually(new_master_with_workers, 60, lambda: site.gunicorn.output()[-3000:], 0.2)
     load = site.load(seconds=6)
     time.sleep(1.5)
     os.kill(old, signal.SIGTERM)  # the old master and its workers go; the new ones serve
     result = load.result()
     assert site.gunicorn.proc.wait(timeout=60) == 0
-    deadline = time.monotonic() + 10
-    while int(pidfile.read_text()) != new:  # promoted: it takes the pid file
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    eventually(lambda: int(pidfile.read_text()) == new, 10,  # promoted: it takes the pid file
+               "the new master did not take the pid file")
     figures(f"USR2, then TERM to the old master under load: {summary(result)}")
     assert result["failed"] == 0 and result["ok"] > 100
     assert request(site.address, "/")[0] == 200
     os.kill(new, signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while running(new):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    eventually(lambda: not running(new), 30, "the new master did not stop")
 
 
 def test_zeo_restart_under_load_loses_no_acknowledged_write(site, zeo, figures):

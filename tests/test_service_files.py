@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port, request, wait_until_serving
+from conftest import REPO, eventually, free_port, request, wait_until_serving
 
 GRACEFUL_TIMEOUT = 7
 STOP_TIMEOUT = GRACEFUL_TIMEOUT + 10
@@ -252,10 +252,8 @@ def test_logrotate_rotates_the_logs_of_a_running_server(services, servers, tmp_p
 
 
 def wait_for_text(path, text, count=1, timeout=20):
-    deadline = time.monotonic() + timeout
-    while not (path.exists() and path.read_text().count(text) >= count):
-        assert time.monotonic() < deadline, f"{text!r} not in {path} after {timeout}s"
-        time.sleep(0.1)
+    eventually(lambda: path.exists() and path.read_text().count(text) >= count, timeout,
+               f"{text!r} not in {path}")
 
 
 def test_supervisor_program_section(services):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import REPO, free_port, request, wait_until_serving
+from conftest import REPO, eventually, free_port, request, wait_until_serving
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +78,10 @@ def test_lifecycle_like_bin_instance(verbs, cleanup, part):
     assert script(verbs, part, "start") == (0, f"{part}-instance: already running as PID {pid}")
 
     assert script(verbs, part, "reload")[0] == 0
-    deadline = time.monotonic() + 30
-    while str(worker) in script(verbs, part, "status")[1] or "1 workers" not in script(verbs, part, "status")[1]:
-        assert time.monotonic() < deadline, "HUP did not replace the worker"
-        time.sleep(0.2)
+    def replaced():
+        status = script(verbs, part, "status")[1]
+        return str(worker) not in status and "1 workers" in status
+    eventually(replaced, 30, "HUP did not replace the worker", 0.2)
     assert pid_of(verbs, part) == pid  # same master, new worker
     assert request(address)[0] == 200
 
@@ -113,10 +113,8 @@ def test_stop_fails_when_the_server_does_not_go(verbs, cleanup):
         os.kill(pid, signal.SIGCONT)
     assert status == 1
     assert out == f"gunicorn-instance: PID {pid} still runs 11s after TERM; stop it with: kill -QUIT {pid}"
-    deadline = time.monotonic() + 30  # the pending TERM now stops it
-    while os.path.exists(f"/proc/{pid}"):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    eventually(lambda: not os.path.exists(f"/proc/{pid}"), 30,  # the pending TERM now stops it
+               f"PID {pid} still runs")
 
 
 @contextlib.contextmanager
@@ -185,10 +183,7 @@ def test_debug_runs_one_worker_with_code_reload(verbs, servers):
     app_module = verbs.path("parts", "gunicorn-script", "gunicornapp.py")
     time.sleep(1.5)
     app_module.touch()  # code changed: the reloader replaces the worker
-    deadline = time.monotonic() + 30
-    while server.workers() in ([worker], []):
-        assert time.monotonic() < deadline, server.output()
-        time.sleep(0.2)
+    eventually(lambda: server.workers() not in ([worker], []), 30, server.output, 0.2)
     assert wait_until_serving(server, address) == 200
     assert server.stop() == 0
 
@@ -264,9 +259,7 @@ def test_workers_go_with_their_master(zeo_down, servers):
     assert len(workers) == 2
     server.signal(signal.SIGKILL)
     server.proc.wait()
-    deadline = time.monotonic() + 10
-    while any(os.path.exists(f"/proc/{pid}") for pid in workers):
-        assert time.monotonic() < deadline, "workers outlived their master"
-        time.sleep(0.1)
+    eventually(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in workers), 10,
+               "workers outlived their master")
     with pytest.raises(OSError):  # no orphan keeps the port
         request(zeo_down.address, timeout=2)
