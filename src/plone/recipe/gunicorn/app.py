@@ -15,12 +15,17 @@ each of them would create the Zope root object and all but one would fail
 with a ConflictError, which makes gunicorn stop the whole server.  Creating
 the application under an exclusive lock on ``zope.conf`` lets the workers of
 one host do it one after the other; the second finds the root in place.
+
+An instance with ``zeo-client-client`` and no ``zeo-var`` keeps its ZEO cache
+in ``$(ZEO_TMP)``, a name that ``bin/instance`` defines (as the temporary
+directory) before Zope reads ``zope.conf``; so does ``make_zope_app``.
 """
 
 import fcntl
 import io
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from tempfile import SpooledTemporaryFile
 
@@ -45,6 +50,8 @@ def make_zope_app(global_conf, zope_conf, **local_conf):
 
     if os.environ.get("PLONE_RECIPE_GUNICORN_DEBUG"):  # bin/<part>-instance debug
         global_conf = {**global_conf, "debug_mode": "true"}
+    # As plone.recipe.zope2instance's ctl.py: zope.conf may refer to it.
+    os.environ["ZEO_TMP"] = tempfile.gettempdir()
     with startup_lock(zope_conf):
         return RewindableInput(make_wsgi_app(global_conf, zope_conf))
 
