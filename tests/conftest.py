@@ -72,13 +72,14 @@ def new_buildout(tmp_path_factory):
 class Server:
     """A server process of a test (zeoserver, gunicorn master), in its own session."""
 
-    def __init__(self, args, cwd, name):
+    def __init__(self, args, cwd, name, env=None):
         self.name = name
         self.log_path = Path(cwd) / (re.sub(r"[^\w.-]+", "_", name) + ".console.log")
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [str(a) for a in args], cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True)
+            stdin=subprocess.DEVNULL, start_new_session=True,
+            env=None if env is None else {**os.environ, **env})
 
     @property
     def pid(self):
@@ -155,8 +156,8 @@ def servers():
     """Start servers for one test; all of them are stopped when it ends."""
     started = []
 
-    def start(args, cwd, name="server"):
-        server = Server(args, cwd, name)
+    def start(args, cwd, name="server", env=None):
+        server = Server(args, cwd, name, env)
         started.append(server)
         return server
 

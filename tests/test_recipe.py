@@ -240,7 +240,7 @@ BROKEN = {
     "persistent ZEO cache for several workers": (
         "[instance]\nzeo-client = on\nzeo-client-client = zeo1",
         [f"[gunicorn] workers = '{os.cpu_count() + 1}'", "zeo-client-client = zeo1", "one process",
-         "or use 1 worker"]),
+         "use 1 worker", "(part [instance])"]),
     "preload on ZEO": (
         "[gunicorn]\npreload_app = true\n[instance]\nzeo-client = on",
         ["[gunicorn] preload_app = 'true'", "forked worker"]),

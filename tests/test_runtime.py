@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import REPO, free_port, wait_until_serving
+from conftest import REPO, free_port, wait_for_port, wait_until_serving
 
 
 @pytest.fixture(scope="module")
@@ -172,4 +172,81 @@ def test_usr2_on_a_filestorage_is_refused_and_the_server_serves_on(fs, servers):
     server.wait_for_output(lambda out: "USR2 ignored" in out, timeout=10)
     assert server.workers() == [worker]  # no new master among the children
     assert wait_until_serving(server, fs.address) == 200
+    assert server.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def zeo_cache(new_buildout):
+    """A ZEO client instance with a persistent cache (zeo-client-client), one
+    worker, served by an ini part and a script part."""
+    address, script_address, zeo = (f"127.0.0.1:{free_port()}" for _ in range(3))
+    buildout = new_buildout("zeocache", f"""
+        [buildout]
+        extends = {REPO}/gunicorn.cfg
+        parts += gunicorn-script
+        [zeoserver]
+        zeo-address = {zeo}
+        [instance]
+        http-address = {address}
+        zeo-client-client = zeo1
+        [gunicorn]
+        workers = 1
+        [gunicorn-script]
+        recipe = plone.recipe.gunicorn
+        mode = script
+        bind = {script_address}
+        workers = 1
+    """)
+    buildout.run()
+    buildout.addresses = {"gunicorn": address, "gunicorn-script": script_address}
+    buildout.zeo = zeo
+    return buildout
+
+
+@pytest.mark.parametrize("part", ["gunicorn", "gunicorn-script"])
+def test_more_workers_on_a_persistent_zeo_cache_are_refused(zeo_cache, part):
+    result = subprocess.run([str(zeo_cache.path("bin", f"{part}-instance")), "-w", "2"],
+                            cwd=zeo_cache.dir, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    lines = (result.stdout + result.stderr).splitlines()
+    if part == "gunicorn":  # for bin/instance running the ini, which passes it on
+        assert "\nzeo_client_client = zeo1\n" in zeo_cache.path(
+            "parts", "gunicorn", "gunicorn.ini").read_text()
+    assert lines == [f"{part}-instance: 2 workers with zeo-client-client = zeo1: one process "
+                     "may open that ZEO cache file, so every worker but the first would fail "
+                     "to start; use 1 worker, or remove zeo-client-client from the instance, "
+                     "so that each worker keeps its cache in memory"]
+
+
+@pytest.mark.parametrize("part", ["gunicorn", "gunicorn-script"])
+def test_persistent_zeo_cache_keeps_one_worker_and_survives_hup(zeo_cache, servers, part):
+    """The cache file is where bin/instance keeps it ($(ZEO_TMP), the
+    temporary directory), and only one process at a time opens it: TTIN
+    adds no worker and HUP stops the old one first.  A second worker would
+    die of a LockError, and gunicorn would then stop the whole server."""
+    address = zeo_cache.addresses[part]
+    tmp = zeo_cache.path(f"tmp-{part}")
+    tmp.mkdir(exist_ok=True)
+    servers([zeo_cache.path("bin", "zeoserver"), "fg"], zeo_cache.dir, name=f"zeo {part}")
+    wait_for_port(zeo_cache.zeo)
+    server = servers([zeo_cache.path("bin", f"{part}-instance")], zeo_cache.dir,
+                     name=f"cache {part}", env={"TMPDIR": str(tmp)})
+    assert wait_until_serving(server, address) == 200
+    assert (tmp / "zeo1-1.zec").exists()
+    [old] = server.workers()
+
+    server.signal(signal.SIGTTIN)  # one worker more, please
+    server.wait_for_output(lambda out: "keeping 1" in out, timeout=10)
+
+    answers = []
+    client = threading.Thread(target=slow_post, args=(address, 4, answers))
+    client.start()
+    time.sleep(1)  # the worker is reading the body
+    server.signal(signal.SIGHUP)
+    client.join()
+    assert answers == [b"HTTP/1.1 200 OK\r\n"]
+    assert wait_until_serving(server, address) == 200
+    [new] = server.workers()
+    assert new != old
+    assert "LockError" not in server.output()
     assert server.stop() == 0

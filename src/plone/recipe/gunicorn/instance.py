@@ -86,6 +86,12 @@ class Instance:
         return pipeline, filters
 
     @property
+    def database(self):
+        """The rules on workers this instance's database asks for."""
+        from plone.recipe.gunicorn.preflight import Database
+        return Database(self.shares_database, self.zeo_client_client)
+
+    @property
     def shares_database(self):
         """True when other processes may open the same database safely.
 

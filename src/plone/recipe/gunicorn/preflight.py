@@ -15,16 +15,47 @@ class Refused(Exception):
     """The server must not start; the message says why and what to do."""
 
 
-def check_database_safety(cfg, shared_database):
-    """Never fork after opening a database; never two processes on a FileStorage."""
+class Database:
+    """What the recipe knows of the instance's database, for the rules on workers.
+
+    ``shared``: True for a ZEO client or RelStorage, False for a FileStorage,
+    None when unknown (no rule applies then).  ``zeo_client_client``: the
+    instance's option of that name, a ZEO client cache kept in a file that
+    one process may open (it is locked); every other worker would fail to
+    start with a ``LockError``, and gunicorn then stops the whole server.
+    """
+
+    def __init__(self, shared=None, zeo_client_client=None):
+        self.shared = shared
+        self.zeo_client_client = zeo_client_client or None
+
+    @property
+    def one_process(self):
+        """What only one process may open, in words; None when workers may be many."""
+        if self.shared is False:
+            return "the FileStorage"
+        if self.zeo_client_client:
+            return f"the ZEO cache file of zeo-client-client = {self.zeo_client_client}"
+        return None
+
+
+def check_database_safety(cfg, database):
+    """Never fork after opening a database; never two processes on a FileStorage
+    or on a persistent ZEO cache."""
     if cfg.preload_app:
         raise Refused(
             "preload_app would open the Zope database in the gunicorn master and "
             "share it with every forked worker; set preload_app = false")
-    if shared_database is False and cfg.workers > 1:
+    if cfg.workers > 1 and database.shared is False:
         raise Refused(
             f"{cfg.workers} workers on a FileStorage: one process must own a "
             "FileStorage; use 1 worker, or serve the database through ZEO or RelStorage")
+    if cfg.workers > 1 and database.zeo_client_client:
+        raise Refused(
+            f"{cfg.workers} workers with zeo-client-client = {database.zeo_client_client}: "
+            "one process may open that ZEO cache file, so every worker but the first "
+            "would fail to start; use 1 worker, or remove zeo-client-client from the "
+            "instance, so that each worker keeps its cache in memory")
 
 
 def check_pidfile(cfg, prog):

@@ -94,22 +94,12 @@ class Recipe:
             if name in self.settings:
                 cfg.set(name, self.settings[name])
         try:
-            preflight.check_database_safety(cfg, self.instance.shares_database)
+            preflight.check_database_safety(cfg, self.instance.database)
         except preflight.Refused as refused:
             option = self._option_for("preload_app" if cfg.preload_app else "workers")
             raise zc.buildout.UserError(
                 f"[{self.name}] {option} = {self.options[option].strip()!r}: {refused}"
-                + ("" if cfg.preload_app else
-                   f" (part [{self.instance.name}] uses a FileStorage)"))
-        client = self.instance.zeo_client_client
-        if client and self.instance.shares_database and cfg.workers > 1:
-            option = self._option_for("workers")
-            raise zc.buildout.UserError(
-                f"[{self.name}] {option} = {self.options[option].strip()!r}: part "
-                f"[{self.instance.name}] sets zeo-client-client = {client}, a ZEO cache "
-                "file that one process may open, so every worker but the first would "
-                "fail to start; remove zeo-client-client from the instance (each worker "
-                "then keeps its cache in memory) or use 1 worker")
+                + ("" if cfg.preload_app else f" (part [{self.instance.name}])"))
 
     def _option_for(self, setting):
         from plone.recipe.gunicorn import settings as gsettings
@@ -296,6 +286,7 @@ class Recipe:
         }
         if self.mode == "ini":
             context["shared_database"] = "true" if self.instance.shares_database else "false"
+            context["zeo_client_client"] = self.instance.zeo_client_client
             rendered = render.ini_mode(context, self.settings, self.pipeline,
                                        self.instance.filters)
         else:
@@ -358,7 +349,9 @@ class Recipe:
             self.buildout["buildout"]["bin-directory"],
             extra_paths=extra_paths,
             arguments=(f"{self.mode!r}, {self.options['config-file']!r}, "
-                       f"shared_database={self.instance.shares_database!r}"),
+                       f"shared_database={self.instance.shares_database!r}"
+                       + (f", zeo_client_client={self.instance.zeo_client_client!r}"
+                          if self.instance.zeo_client_client else "")),
         )
 
 

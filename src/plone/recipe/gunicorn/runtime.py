@@ -37,19 +37,21 @@ from gunicorn.instrument.statsd import Statsd
 from plone.recipe.gunicorn import control, preflight, settings
 
 
-def main(mode, config, argv=None, shared_database=None, prog=None):
+def main(mode, config, argv=None, shared_database=None, prog=None, zeo_client_client=None):
     """Entry point of ``bin/<part>-instance [VERB] [gunicorn options]``.
 
     ``shared_database`` is False for a FileStorage instance (one process
-    only), True for ZEO or RelStorage, None when unknown.
+    only), True for ZEO or RelStorage, None when unknown;
+    ``zeo_client_client`` the instance's option (one process only, too).
     """
+    database = preflight.Database(shared_database, zeo_client_client)
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = prog or os.path.basename(sys.argv[0])
     verb, args = control.split_verb(argv)
     if verb == "debug":
         os.environ[control.DEBUG_ENV] = "1"
     application = make_application(
-        mode, config, control.gunicorn_args(verb, args), prog, shared_database)
+        mode, config, control.gunicorn_args(verb, args), prog, database)
     cfg = application.cfg
 
     if verb == "status":
@@ -62,13 +64,13 @@ def main(mode, config, argv=None, shared_database=None, prog=None):
         if control.stop(cfg, prog) != control.OK:
             sys.exit(control.FAILED)
         application = make_application(
-            mode, config, control.gunicorn_args("start", args), prog, shared_database)
+            mode, config, control.gunicorn_args("start", args), prog, database)
         verb, cfg = "start", application.cfg
     if verb == "start" and (pid := control.master_pid(cfg, prog)):
         print(f"{prog}: already running as PID {pid}")
         sys.exit(control.OK)  # LSB: starting a running service succeeds
     try:
-        preflight.check_database_safety(cfg, shared_database)
+        preflight.check_database_safety(cfg, database)
         if verb == "check" or cfg.check_config or cfg.print_config:
             # gunicorn's --check-config and --print-config load the
             # application too: here as ``check`` loads it, with script mode's
@@ -90,7 +92,7 @@ def main(mode, config, argv=None, shared_database=None, prog=None):
         sys.exit(f"{prog}: cannot start: {exc}")
 
 
-def make_application(mode, config, args, prog, shared_database=None):
+def make_application(mode, config, args, prog, database=None):
     """The gunicorn application for a mode; reads the configuration, loads nothing."""
     # gunicorn parses sys.argv, and a USR2 runs it again: the script's path first.
     script = os.path.abspath(sys.argv[0]) if os.path.isfile(sys.argv[0]) else prog
@@ -101,7 +103,7 @@ def make_application(mode, config, args, prog, shared_database=None):
     else:
         sys.exit(f"{prog}: unknown mode {mode!r}; expected ini or script")
     sys.argv = [script, "-c", config, *args]
-    return application_class(config, prog=prog, shared_database=shared_database)
+    return application_class(config, prog=prog, database=database or preflight.Database())
 
 
 class ZopeDefaults:
@@ -191,11 +193,11 @@ class ZopeMaster(BaseApplication):
     ends with ``super().run()``, which is this one.
     """
 
-    shared_database = None  # as main() was told: False for a FileStorage
+    database = None  # a preflight.Database, as make_application was told
 
     def run(self):
         try:  # as gunicorn's BaseApplication.run, with the recipe's arbiter
-            ZopeArbiter(self, self.shared_database).run()
+            ZopeArbiter(self, self.database).run()
         except RuntimeError as exc:  # gunicorn's "cannot start", in one line
             sys.exit(f"Error: {exc}")
 
@@ -206,25 +208,27 @@ class ZopeArbiter(Arbiter):
     ``main()`` refuses an unsafe configuration before the start.  Later a
     ``HUP`` reads the configuration files again, and ``TTIN`` or the control
     socket's ``worker add`` ask for more workers: the same rules hold then,
-    and what breaks them is logged and not done.  On a FileStorage a ``HUP``
-    stops the worker (its requests in flight finish) before it starts the
-    new one, which could not open the database while the old one holds it:
-    requests meanwhile wait in the listen queue.
+    and what breaks them is logged and not done.  On a FileStorage (or with
+    a persistent ZEO cache) a ``HUP`` stops the worker (its requests in
+    flight finish) before it starts the new one, which could not open the
+    file while the old one holds it: requests meanwhile wait in the listen
+    queue.
     """
 
-    def __init__(self, app, shared_database):
-        self.shared_database = shared_database
+    def __init__(self, app, database):
+        self.database = database
+        self.one_process = database.one_process  # what one process must own
         super().__init__(app)
 
     def setup(self, app):
         # At the start, and after every HUP has read the configuration again.
         refused = None
         try:
-            preflight.check_database_safety(app.cfg, self.shared_database)
+            preflight.check_database_safety(app.cfg, self.database)
         except preflight.Refused as exc:
             refused = exc
             app.cfg.set("preload_app", False)
-            if self.shared_database is False:
+            if self.one_process:
                 app.cfg.set("workers", 1)
         super().setup(app)
         if refused:
@@ -232,22 +236,24 @@ class ZopeArbiter(Arbiter):
                            "preload_app and with %s workers", refused, self.cfg.workers)
 
     def reexec(self):
-        if self.shared_database is False:
-            self.log.error("USR2 ignored: the new master's worker could not open the "
-                           "FileStorage the running worker holds; use HUP to reload")
+        if self.one_process:
+            self.log.error("USR2 ignored: the new master's worker could not open "
+                           "%s, which the running worker holds; use HUP to reload",
+                           self.one_process)
             return
         super().reexec()
 
     def reload(self):
-        if self.shared_database is False:
-            self.log.info("FileStorage: stopping the worker before starting its replacement")
+        if self.one_process:
+            self.log.info("One process may open %s: stopping the worker before "
+                          "starting its replacement", self.one_process)
             self.stop_workers()
         super().reload()
 
     def manage_workers(self):
-        if self.shared_database is False and self.num_workers > 1:
-            self.log.error("%s workers asked for on a FileStorage, which one process "
-                           "must own; keeping 1", self.num_workers)
+        if self.one_process and self.num_workers > 1:
+            self.log.error("%s workers asked for, but one process may open %s; "
+                           "keeping 1", self.num_workers, self.one_process)
             self.num_workers = 1
         super().manage_workers()
 
@@ -270,9 +276,9 @@ class PartConfig:
     argument, and is read after the part's configuration, not instead of it.
     """
 
-    def __init__(self, config, prog=None, shared_database=None):
+    def __init__(self, config, prog=None, database=None):
         self.config = os.path.abspath(config)
-        self.shared_database = shared_database  # for ZopeMaster
+        self.database = database  # for ZopeMaster
         super().__init__("%(prog)s [VERB] [OPTIONS]", prog=prog)
 
     def load_config_from_file(self, filename):
@@ -331,7 +337,7 @@ def server_settings(ini, section="server:main"):
     return {
         settings.setting_name(key): settings.convert(key, value)
         for key, value in parser.items(section)
-        if key not in ("use", "shared_database")  # the recipe's, read by serve()
+        if key not in ("use", "shared_database", "zeo_client_client")  # read by serve()
     }
 
 
@@ -348,8 +354,10 @@ def serve(app, global_conf, **local_conf):
     path = os.pathsep.join(entry for entry in sys.path if entry)
     env = dict(os.environ, PYTHONPATH=path)
     shared = {"true": "True", "false": "False"}.get(local_conf.get("shared_database"), "None")
+    client = local_conf.get("zeo_client_client", "").strip() or None
     code = ("import sys; from plone.recipe.gunicorn.runtime import main; "
-            f"main('ini', sys.argv[1], [], shared_database={shared}, prog=sys.argv[2])")
+            f"main('ini', sys.argv[1], [], shared_database={shared}, prog=sys.argv[2], "
+            f"zeo_client_client={client!r})")
     sys.stdout.flush()
     sys.stderr.flush()
     prog = os.path.basename(sys.argv[0])
