@@ -325,7 +325,7 @@ def test_two_parts_side_by_side_have_their_own_files(site, zeo, servers):
         ctl = var / f"{part}.ctl"
         assert stat.S_ISSOCK(ctl.stat().st_mode)
         assert stat.S_IMODE(ctl.stat().st_mode) == 0o600
-        assert f"Listening at: http" in (var / "log" / f"{part}.log").read_text()
+        assert "Listening at: http" in (var / "log" / f"{part}.log").read_text()
         assert f"[{master.pid}:" in (var / "log" / f"{part}.log").read_text()
     assert f"[{second.pid}:" not in (var / "log" / "gunicorn.log").read_text()
 
