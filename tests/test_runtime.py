@@ -177,48 +177,62 @@ def test_usr2_on_a_filestorage_is_refused_and_the_server_serves_on(fs, servers):
 
 @pytest.fixture(scope="module")
 def zeo_cache(new_buildout):
-    """A ZEO client instance with a persistent cache (zeo-client-client), one
-    worker, served by an ini part and a script part."""
+    """A ZEO client instance with a persistent cache (zeo-client-client),
+    served by an ini part (the defaults) and a script part (1 worker set)."""
     address, script_address, zeo = (f"127.0.0.1:{free_port()}" for _ in range(3))
     buildout = new_buildout("zeocache", f"""
         [buildout]
         extends = {REPO}/gunicorn.cfg
-        parts += gunicorn-script
+        parts = zeoserver instance gunicorn-ini gunicorn-script
         [zeoserver]
         zeo-address = {zeo}
         [instance]
         http-address = {address}
         zeo-client-client = zeo1
-        [gunicorn]
-        workers = 1
+        [gunicorn-ini]
+        recipe = plone.recipe.gunicorn
         [gunicorn-script]
         recipe = plone.recipe.gunicorn
         mode = script
         bind = {script_address}
         workers = 1
     """)
-    buildout.run()
-    buildout.addresses = {"gunicorn": address, "gunicorn-script": script_address}
+    buildout.output = buildout.run().stdout
+    buildout.addresses = {"gunicorn-ini": address, "gunicorn-script": script_address}
     buildout.zeo = zeo
     return buildout
 
 
-@pytest.mark.parametrize("part", ["gunicorn", "gunicorn-script"])
+def test_persistent_zeo_cache_gets_one_worker_with_the_instances_threads(zeo_cache):
+    """Several workers could not all open the cache file: by default the part
+    gets the FileStorage's shape, and buildout says why."""
+    import configparser
+    ini = configparser.ConfigParser(interpolation=None)
+    ini.read(zeo_cache.path("parts", "gunicorn-ini", "gunicorn.ini"))
+    server = ini["server:main"]
+    assert (server["workers"], server["threads"], server["worker_class"]) == (
+        "1", "4", "plone.recipe.gunicorn.worker.ThreadWorker")
+    assert ("gunicorn-ini: one worker with 4 threads: part [instance] sets zeo-client-client "
+            "= zeo1, a ZEO cache file that one process may open; without it the default "
+            f"is {os.cpu_count() + 1} workers") in zeo_cache.output
+
+
+@pytest.mark.parametrize("part", ["gunicorn-ini", "gunicorn-script"])
 def test_more_workers_on_a_persistent_zeo_cache_are_refused(zeo_cache, part):
     result = subprocess.run([str(zeo_cache.path("bin", f"{part}-instance")), "-w", "2"],
                             cwd=zeo_cache.dir, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     lines = (result.stdout + result.stderr).splitlines()
-    if part == "gunicorn":  # for bin/instance running the ini, which passes it on
+    if part == "gunicorn-ini":  # for bin/instance running the ini, which passes it on
         assert "\nzeo_client_client = zeo1\n" in zeo_cache.path(
-            "parts", "gunicorn", "gunicorn.ini").read_text()
+            "parts", "gunicorn-ini", "gunicorn.ini").read_text()
     assert lines == [f"{part}-instance: 2 workers with zeo-client-client = zeo1: one process "
                      "may open that ZEO cache file, so every worker but the first would fail "
                      "to start; use 1 worker, or remove zeo-client-client from the instance, "
                      "so that each worker keeps its cache in memory"]
 
 
-@pytest.mark.parametrize("part", ["gunicorn", "gunicorn-script"])
+@pytest.mark.parametrize("part", ["gunicorn-ini", "gunicorn-script"])
 def test_persistent_zeo_cache_keeps_one_worker_and_survives_hup(zeo_cache, servers, part):
     """The cache file is where bin/instance keeps it ($(ZEO_TMP), the
     temporary directory), and only one process at a time opens it: TTIN

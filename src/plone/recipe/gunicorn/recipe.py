@@ -6,6 +6,7 @@ installation keeps working.  ``install`` writes the files and the script and
 returns every path it created.
 """
 
+import logging
 import os
 import re
 import shutil
@@ -122,7 +123,7 @@ class Recipe:
             raise zc.buildout.UserError(
                 f"[{instance.name}] threads = {instance.threads!r}: not a whole number "
                 "of 1 or more")
-        if instance.shares_database:
+        if instance.shares_database and not instance.zeo_client_client:
             # ZEO, RelStorage: single-threaded (sync) workers, one per core and
             # one more.  Zope is CPU-bound: processes share no GIL, and the
             # kernel gives each new connection to a free worker.  gthread
@@ -132,9 +133,16 @@ class Recipe:
             # while a slow one holds another.  (docs/benchmarks.rst)
             workers, threads = (os.cpu_count() or 1) + 1, 1
         else:
-            # A FileStorage belongs to one process: the instance's threads
-            # give it concurrency, as they give waitress.
+            # A FileStorage belongs to one process, and so does a ZEO cache
+            # file (zeo-client-client): the instance's threads give it
+            # concurrency, as they give waitress.
             workers = 1
+            if instance.zeo_client_client:
+                logging.getLogger(name).info(
+                    "one worker with %s threads: part [%s] sets zeo-client-client = %s, "
+                    "a ZEO cache file that one process may open; without it the "
+                    "default is %s workers", threads, instance.name,
+                    instance.zeo_client_client, (os.cpu_count() or 1) + 1)
         return {
             "bind": "\n".join(bind),
             "control-socket": os.path.join(var, f"{name}.ctl"),
