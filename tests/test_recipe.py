@@ -188,6 +188,28 @@ def test_scripts_are_named_after_the_part_and_carry_the_instance_eggs(built):
     assert built.path("bin", "zope-gunicorn").exists()  # script-name
 
 
+def test_the_instances_initialization_code_runs_first_then_the_parts(new_buildout):
+    """As in bin/instance (plone.recipe.zope2instance's ``initialization``,
+    formatted with its options), before gunicorn starts: what it sets, the
+    workers inherit.  The part may add its own, as zc.recipe.egg's scripts do."""
+    buildout = new_buildout("initialization", f"""
+        [buildout]
+        extends = {REPO}/buildout.cfg
+        [instance]
+        initialization =
+            import os
+            open("ran.txt", "a").write("instance %(location)s\\n")
+        [gunicorn]
+        initialization = open("ran.txt", "a").write("part\\n")
+    """)
+    buildout.run()
+    result = subprocess.run([str(buildout.path("bin", "gunicorn-instance")), "status"],
+                            cwd=buildout.dir, capture_output=True, text=True, timeout=60)
+    assert result.stdout == "gunicorn-instance: not running\n"
+    assert buildout.path("ran.txt").read_text() == (
+        f"instance {buildout.path('parts', 'instance')}\npart\n")
+
+
 def test_generated_files_are_not_writable_by_others(built):
     for path in built.path("parts", "gunicorn-script").iterdir():
         assert not path.stat().st_mode & 0o022, path

@@ -23,7 +23,7 @@ MODES = ("ini", "script")
 # Options that belong to the recipe; every other option is a gunicorn setting.
 RECIPE_OPTIONS = frozenset({
     "recipe", "instance", "mode", "script-name", "var", "eggs", "extra-paths",
-    "find-links", "index",
+    "find-links", "index", "initialization",
     "systemd-unit", "systemd-socket", "systemd-user", "systemd-group",
     "logrotate", "supervisor",
     # written by the recipe or by zc.recipe.egg, for other parts to read
@@ -349,13 +349,19 @@ class Recipe:
         return egg.working_set(["plone.recipe.zope2instance", "plone.recipe.gunicorn"])[1]
 
     def _scripts(self, working_set):
+        """``bin/<part>-instance``: as ``bin/instance``, with the instance's
+        ``extra-paths`` and ``initialization`` code, then the part's own."""
         extra_paths = (self.instance.extra_paths + "\n" + self.options.get("extra-paths", "")).split()
+        initialization = "\n".join(code for code in (
+            self.instance.options.get("initialization", "").strip(),
+            self.options.get("initialization", "").strip()) if code)
         return zc.buildout.easy_install.scripts(
             [(self.options["script-name"], "plone.recipe.gunicorn.runtime", "main")],
             working_set,
             self.buildout["buildout"]["executable"],
             self.buildout["buildout"]["bin-directory"],
             extra_paths=extra_paths,
+            initialization=initialization,
             arguments=(f"{self.mode!r}, {self.options['config-file']!r}, "
                        f"shared_database={self.instance.shares_database!r}"
                        + (f", zeo_client_client={self.instance.zeo_client_client!r}"
