@@ -362,3 +362,24 @@ def test_bin_instance_pointed_at_the_ini_keeps_one_worker_on_a_filestorage(new_b
     instance.wait_for_output(lambda out: "keeping 1" in out, timeout=15)
     assert wait_until_serving(instance, address) == 200
     assert "LockError" not in instance.output()
+
+
+def test_bin_instance_pointed_at_the_ini_keeps_one_worker_on_a_persistent_zeo_cache(
+        new_buildout, servers):
+    """The same route with zeo-client-client: the ini passes it on to the fresh
+    master, which refuses a second worker on the cache file."""
+    zeo = free_port()
+    buildout, address = instance_running_the_ini(
+        new_buildout, "cacheroute", "gunicorn.cfg",
+        f"[zeoserver]\nzeo-address = 127.0.0.1:{zeo}\n"
+        "[instance]\nzeo-client-client = zeo1\nzeo-var = ${buildout:directory}/var\n"
+        "[gunicorn]\nworkers = 1\n")
+    servers([buildout.path("bin", "zeoserver"), "fg"], buildout.dir, name="zeoserver")
+    wait_for_port(f"127.0.0.1:{zeo}")
+    instance = servers([buildout.path("bin", "instance"), "console"], buildout.dir, name="instance")
+    assert wait_until_serving(instance, address) == 200
+    assert buildout.path("var", "zeo1-1.zec").exists()
+    instance.signal(signal.SIGTTIN)
+    instance.wait_for_output(lambda out: "keeping 1" in out, timeout=15)
+    assert wait_until_serving(instance, address) == 200
+    assert "LockError" not in instance.output()
