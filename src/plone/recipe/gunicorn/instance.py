@@ -43,8 +43,10 @@ class Instance:
         self.eggs = options.get("eggs", "")
         self.extra_paths = options.get("extra-paths", "")
         self.pipeline, self.filters = self._pipeline(name, options)
-        # A ZEO client cache in a file that one process may open (locked).
-        self.zeo_client_client = options.get("zeo-client-client", "").strip()
+        # A ZEO client cache in a file that one process may open (locked);
+        # the instance writes it into zope.conf only for a ZEO client.
+        self.zeo_client_client = (
+            options.get("zeo-client-client", "").strip() if self.zeo_client else "")
 
     def _pipeline(self, name, options):
         """The pipeline the instance's own ``wsgi.ini`` runs, and the filter
@@ -92,12 +94,15 @@ class Instance:
         return Database(self.shares_database, self.zeo_client_client)
 
     @property
+    def zeo_client(self):
+        """Whether the instance is a ZEO client (``zeo-client = on``)."""
+        return self.options.get("zeo-client", "").strip().lower() in ("on", "true", "yes", "1")
+
+    @property
     def shares_database(self):
         """True when other processes may open the same database safely.
 
         A ZEO client or a RelStorage instance: several gunicorn workers are
         safe.  Anything else is a FileStorage that one process must own.
         """
-        zeo = self.options.get("zeo-client", "").strip().lower()
-        return zeo in ("on", "true", "yes", "1") or bool(
-            self.options.get("rel-storage", "").strip())
+        return self.zeo_client or bool(self.options.get("rel-storage", "").strip())
