@@ -71,3 +71,27 @@ def test_startup_lock_lets_one_process_start_zope_at_a_time(tmp_path):
         finished, _ = os.waitpid(pid, os.WNOHANG)
     assert finished == 0, "the second process started while the first held the lock"
     assert os.waitpid(pid, 0)[1] == 0  # and got the lock once it was released
+
+
+def call_limited(environ, max_body):
+    """Status of a request through RewindableInput(max_body), and what Zope read."""
+    statuses, seen = [], []
+
+    def zope_like(environ, start_response):
+        seen.append(environ["wsgi.input"].read())
+        start_response("200 OK", [])
+        return [b""]
+
+    RewindableInput(zope_like, max_body)(environ, lambda status, headers: statuses.append(status))
+    return statuses[0], seen
+
+
+def test_body_over_max_request_body_size_is_refused():
+    stream = Stream(b"a=12345678")
+    status, seen = call_limited({"wsgi.input": stream, "CONTENT_LENGTH": "11"}, 10)
+    assert (status, seen) == ("413 Request Entity Too Large", [])
+    assert stream.data.tell() == 0  # announced too large: not a byte read
+    chunked = {"wsgi.input": Stream(b"a=123456789"), "HTTP_TRANSFER_ENCODING": "chunked"}
+    assert call_limited(chunked, 10) == ("413 Request Entity Too Large", [])
+    at_limit = {"wsgi.input": Stream(b"a=12345678"), "HTTP_TRANSFER_ENCODING": "chunked"}
+    assert call_limited(at_limit, 10) == ("200 OK", [b"a=12345678"])

@@ -383,3 +383,42 @@ def test_bin_instance_pointed_at_the_ini_keeps_one_worker_on_a_persistent_zeo_ca
     instance.wait_for_output(lambda out: "keeping 1" in out, timeout=15)
     assert wait_until_serving(instance, address) == 200
     assert "LockError" not in instance.output()
+
+
+@pytest.mark.parametrize("mode", ["ini", "script"])
+def test_bodies_over_the_instances_max_request_body_size_are_refused(new_buildout, servers, mode):
+    """As waitress refuses them under bin/instance: 413, and the body over the
+    limit is neither read nor stored (a Content-Length over it is answered
+    before a byte of the body is sent)."""
+    address = f"127.0.0.1:{free_port()}"
+    buildout = new_buildout(f"maxbody-{mode}", f"""
+        [buildout]
+        extends = {REPO}/buildout.cfg
+        [instance]
+        http-address = {address}
+        max-request-body-size = 100000
+        [gunicorn]
+        mode = {mode}
+    """)
+    buildout.run()
+    server = servers([buildout.path("bin", "gunicorn-instance")], buildout.dir, name=mode)
+    assert wait_until_serving(server, address) == 200
+    host, port = address.split(":")
+
+    def post(headers, body=b""):
+        with socket.create_connection((host, int(port)), timeout=30) as conn:
+            conn.sendall(b"POST / HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/x-www-form-urlencoded\r\n"
+                         + headers + b"\r\n" + body)
+            return conn.makefile("rb").readline()
+
+    form = b"x=" + b"1" * 99_998  # exactly the limit
+    assert post(b"Content-Length: %d\r\n" % len(form), form) == b"HTTP/1.1 200 OK\r\n"
+    # 2 GB announced, nothing sent: answered at once
+    assert post(b"Content-Length: 2000000000\r\n") == b"HTTP/1.1 413 Request Entity Too Large\r\n"
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece)
+                       for piece in [b"x=", *[b"1" * 10_000] * 11]) + b"0\r\n\r\n"
+    assert post(b"Transfer-Encoding: chunked\r\n", chunked) == (
+        b"HTTP/1.1 413 Request Entity Too Large\r\n")
+    assert request(address, "/")[0] == 200  # and the worker serves on
+    assert server.stop() == 0

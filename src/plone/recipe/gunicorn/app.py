@@ -8,7 +8,10 @@ forked ZEO client has lost its networking thread (every request hangs).
 Zope retries a request that met a ConflictError, and rewinds ``wsgi.input``
 to read the body again.  gunicorn's request body is a stream without
 ``seek``: the retry itself fails and the client gets a 500.  ``RewindableInput``
-gives Zope a seekable copy of the body, as waitress does.
+gives Zope a seekable copy of the body, as waitress does.  Like waitress under
+``bin/instance``, it refuses a body larger than the instance's
+``max-request-body-size`` (413): gunicorn has no such limit, and the copy of
+an endless upload would fill the disk.
 
 Workers of one master boot at the same moment.  On a fresh, empty database
 each of them would create the Zope root object and all but one would fail
@@ -24,13 +27,13 @@ directory) before Zope reads ``zope.conf``; so does ``make_zope_app``.
 import fcntl
 import io
 import os
-import shutil
 import tempfile
 from contextlib import contextmanager
 from tempfile import SpooledTemporaryFile
 
 # Bodies up to this size stay in memory; larger ones (uploads) go to a file.
 SPOOL_IN_MEMORY = 1024 * 1024
+COPY_CHUNK = 64 * 1024
 
 
 @contextmanager
@@ -44,8 +47,11 @@ def startup_lock(zope_conf):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def make_zope_app(global_conf, zope_conf, **local_conf):
-    """PasteDeploy app factory: Zope's own ``make_wsgi_app``, one process at a time."""
+def make_zope_app(global_conf, zope_conf, max_request_body_size=None, **local_conf):
+    """PasteDeploy app factory: Zope's own ``make_wsgi_app``, one process at a time.
+
+    ``max_request_body_size``: the instance's option, bytes (None: no limit).
+    """
     from Zope2.Startup.run import make_wsgi_app
 
     if os.environ.get("PLONE_RECIPE_GUNICORN_DEBUG"):  # bin/<part>-instance debug
@@ -53,27 +59,51 @@ def make_zope_app(global_conf, zope_conf, **local_conf):
     # As plone.recipe.zope2instance's ctl.py: zope.conf may refer to it.
     os.environ["ZEO_TMP"] = tempfile.gettempdir()
     with startup_lock(zope_conf):
-        return RewindableInput(make_wsgi_app(global_conf, zope_conf))
+        application = make_wsgi_app(global_conf, zope_conf)
+    limit = None if max_request_body_size is None else int(max_request_body_size)
+    return RewindableInput(application, limit)
 
 
 class RewindableInput:
-    """WSGI middleware: a seekable ``wsgi.input``, so Zope can retry a request."""
+    """WSGI middleware: a seekable ``wsgi.input``, so Zope can retry a request;
+    a body over ``max_body`` bytes is answered 413 before Zope sees it."""
 
-    def __init__(self, app):
+    def __init__(self, app, max_body=None):
         self.app = app
+        self.max_body = max_body
 
     def __call__(self, environ, start_response):
         stream = environ["wsgi.input"]
         seekable = getattr(stream, "seekable", None)
         if seekable is None or not seekable():
             if has_body(environ):
+                if self.too_large(int(environ.get("CONTENT_LENGTH") or 0)):
+                    return self.refuse(start_response)  # without reading it
                 body = SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
-                shutil.copyfileobj(stream, body)
+                size = 0
+                while chunk := stream.read(COPY_CHUNK):  # chunked: no length known
+                    size += len(chunk)
+                    if self.too_large(size):
+                        body.close()
+                        return self.refuse(start_response)
+                    body.write(chunk)
                 body.seek(0)
             else:  # most requests: GET, HEAD; no file to create and drop
                 body = io.BytesIO()
             environ["wsgi.input"] = body
         return self.app(environ, start_response)
+
+    def too_large(self, size):
+        return self.max_body is not None and size > self.max_body
+
+    def refuse(self, start_response):
+        body = (f"Request Entity Too Large\r\n\r\nThe body exceeds {self.max_body} bytes "
+                "(max-request-body-size).").encode()
+        # Closing the connection: the rest of the body is never read.
+        start_response("413 Request Entity Too Large", [
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("Content-Length", str(len(body))), ("Connection", "close")])
+        return [body]
 
 
 def has_body(environ):

@@ -40,6 +40,8 @@ class Instance:
         self.var = options.get("var") or os.path.join(directory, "var")
         self.http_address = options.get("http-address", "0.0.0.0:8080")
         self.threads = options.get("threads", "4")
+        # waitress's limit under bin/instance; 1 GiB is the instance's default
+        self.max_request_body_size = options.get("max-request-body-size", "1073741824")
         self.eggs = options.get("eggs", "")
         self.extra_paths = options.get("extra-paths", "")
         self.pipeline, self.filters = self._pipeline(name, options)

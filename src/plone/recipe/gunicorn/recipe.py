@@ -78,6 +78,7 @@ class Recipe:
         self.accesslog = os.path.join(self.log_dir, f"{name}-access.log")
 
         self.settings = self._settings(gsettings, user_options, self._defaults(gsettings))
+        self.max_body = self._max_body()
         self._refuse_unsafe()
         self.pipeline = self._pipeline()
         self.service_files = self._service_files()
@@ -101,6 +102,16 @@ class Recipe:
             raise zc.buildout.UserError(
                 f"[{self.name}] {option} = {self.options[option].strip()!r}: {refused}"
                 + ("" if cfg.preload_app else f" (part [{self.instance.name}])"))
+
+    def _max_body(self):
+        """The instance's ``max-request-body-size``: the largest request body
+        the workers accept, as waitress does under ``bin/instance``."""
+        value = str(self.instance.max_request_body_size).strip()
+        if not value.isdigit():
+            raise zc.buildout.UserError(
+                f"[{self.instance.name}] max-request-body-size = {value!r}: not a whole "
+                "number of bytes (the instance's default is 1073741824, 1 GiB)")
+        return int(value)
 
     def _option_for(self, setting):
         from plone.recipe.gunicorn import settings as gsettings
@@ -291,6 +302,7 @@ class Recipe:
             "accesslog": self.accesslog,
             "loglevel": self.settings.get("loglevel", "info"),
             "logconfig": os.path.join(self.location, "logging.ini"),
+            "max_request_body_size": str(self.max_body),
         }
         if self.mode == "ini":
             context["shared_database"] = "true" if self.instance.shares_database else "false"

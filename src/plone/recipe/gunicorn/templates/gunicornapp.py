@@ -13,6 +13,7 @@ from plone.recipe.gunicorn.app import make_zope_app
 # gunicorn writes the access log.
 FILTERS = ${filters}
 
-application = make_zope_app({}, zope_conf=${zope_conf})
+# max_request_body_size: the instance's; larger bodies are answered 413.
+application = make_zope_app({}, zope_conf=${zope_conf}, max_request_body_size=${max_request_body_size})
 for uri in reversed(FILTERS):
     application = loadfilter(uri)(application)
