@@ -106,7 +106,7 @@ class Recipe:
     def _max_body(self):
         """The instance's ``max-request-body-size``: the largest request body
         the workers accept, as waitress does under ``bin/instance``."""
-        value = str(self.instance.max_request_body_size).strip()
+        value = self.instance.max_request_body_size.strip()
         if not value.isdigit():
             raise zc.buildout.UserError(
                 f"[{self.instance.name}] max-request-body-size = {value!r}: not a whole "

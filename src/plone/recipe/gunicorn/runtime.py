@@ -217,7 +217,6 @@ class ZopeArbiter(Arbiter):
 
     def __init__(self, app, database):
         self.database = database
-        self.one_process = database.one_process  # what one process must own
         super().__init__(app)
 
     def setup(self, app):
@@ -228,7 +227,7 @@ class ZopeArbiter(Arbiter):
         except preflight.Refused as exc:
             refused = exc
             app.cfg.set("preload_app", False)
-            if self.one_process:
+            if self.database.one_process:
                 app.cfg.set("workers", 1)
         super().setup(app)
         if refused:
@@ -236,24 +235,24 @@ class ZopeArbiter(Arbiter):
                            "preload_app and with %s workers", refused, self.cfg.workers)
 
     def reexec(self):
-        if self.one_process:
+        if self.database.one_process:
             self.log.error("USR2 ignored: the new master's worker could not open "
                            "%s, which the running worker holds; use HUP to reload",
-                           self.one_process)
+                           self.database.one_process)
             return
         super().reexec()
 
     def reload(self):
-        if self.one_process:
+        if self.database.one_process:
             self.log.info("One process may open %s: stopping the worker before "
-                          "starting its replacement", self.one_process)
+                          "starting its replacement", self.database.one_process)
             self.stop_workers()
         super().reload()
 
     def manage_workers(self):
-        if self.one_process and self.num_workers > 1:
+        if self.database.one_process and self.num_workers > 1:
             self.log.error("%s workers asked for, but one process may open %s; "
-                           "keeping 1", self.num_workers, self.one_process)
+                           "keeping 1", self.num_workers, self.database.one_process)
             self.num_workers = 1
         super().manage_workers()
 
