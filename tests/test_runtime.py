@@ -123,16 +123,22 @@ def slow_post(address, seconds, answers):
         answers.append(conn.makefile("rb").readline())
 
 
-def test_hup_on_a_filestorage_finishes_the_request_then_replaces_the_worker(fs, servers):
-    server = servers([fs.path("bin", "gunicorn-instance")], fs.dir, name="hup")
-    assert wait_until_serving(server, fs.address) == 200
-    [old] = server.workers()
+def hup_during_a_slow_post(server, address):
+    """HUP the server while its worker reads a 4 s POST; the POST's status lines."""
     answers = []
-    client = threading.Thread(target=slow_post, args=(fs.address, 4, answers))
+    client = threading.Thread(target=slow_post, args=(address, 4, answers))
     client.start()
     time.sleep(1)  # the worker is reading the body
     server.signal(signal.SIGHUP)
     client.join()
+    return answers
+
+
+def test_hup_on_a_filestorage_finishes_the_request_then_replaces_the_worker(fs, servers):
+    server = servers([fs.path("bin", "gunicorn-instance")], fs.dir, name="hup")
+    assert wait_until_serving(server, fs.address) == 200
+    [old] = server.workers()
+    answers = hup_during_a_slow_post(server, fs.address)
     # The old worker finished the request; only then did the new one open
     # the database, which the old one held until it exited.
     assert answers == [b"HTTP/1.1 200 OK\r\n"]
@@ -249,12 +255,7 @@ def test_persistent_zeo_cache_keeps_one_worker_and_survives_hup(zeo_cache, serve
     server.signal(signal.SIGTTIN)  # one worker more, please
     server.wait_for_output(lambda out: "keeping 1" in out, timeout=10)
 
-    answers = []
-    client = threading.Thread(target=slow_post, args=(address, 4, answers))
-    client.start()
-    time.sleep(1)  # the worker is reading the body
-    server.signal(signal.SIGHUP)
-    client.join()
+    answers = hup_during_a_slow_post(server, address)
     assert answers == [b"HTTP/1.1 200 OK\r\n"]
     assert wait_until_serving(server, address) == 200
     [new] = server.workers()

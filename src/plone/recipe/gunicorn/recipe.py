@@ -134,6 +134,7 @@ class Recipe:
             raise zc.buildout.UserError(
                 f"[{instance.name}] threads = {instance.threads!r}: not a whole number "
                 "of 1 or more")
+        per_core = (os.cpu_count() or 1) + 1
         if instance.shares_database and not instance.zeo_client_client:
             # ZEO, RelStorage: single-threaded (sync) workers, one per core and
             # one more.  Zope is CPU-bound: processes share no GIL, and the
@@ -142,7 +143,7 @@ class Recipe:
             # connection stays with the worker that accepted it, so one worker
             # may get all the load.  The extra worker answers fast requests
             # while a slow one holds another.  (docs/benchmarks.rst)
-            workers, threads = (os.cpu_count() or 1) + 1, 1
+            workers, threads = per_core, 1
         else:
             # A FileStorage belongs to one process, and so does a ZEO cache
             # file (zeo-client-client): the instance's threads give it
@@ -153,7 +154,7 @@ class Recipe:
                     "one worker with %s threads: part [%s] sets zeo-client-client = %s, "
                     "a ZEO cache file that one process may open; without it the "
                     "default is %s workers", threads, instance.name,
-                    instance.zeo_client_client, (os.cpu_count() or 1) + 1)
+                    instance.zeo_client_client, per_core)
         return {
             "bind": "\n".join(bind),
             "control-socket": os.path.join(var, f"{name}.ctl"),
