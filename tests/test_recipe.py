@@ -241,6 +241,9 @@ BROKEN = {
                                   ["[instance] http-address = '127.0.0.1:99999'", "1-65535"]),
     "malformed bind": ("[gunicorn]\nbind = localhost:",
                        ["[gunicorn] bind = 'localhost:'", "HOST:PORT"]),
+    "bind to host star": ("[gunicorn]\nbind = *:8080",
+                          ["[gunicorn] bind = '*:8080'", "gunicorn does not know the host '*'",
+                           "0.0.0.0:8080 [::]:8080"]),
     "egg that does not exist": (
         "[gunicorn]\neggs = no.such.distribution.for.this.test",
         ["no.such.distribution.for.this.test"]),
@@ -380,7 +383,7 @@ def test_changing_http_address_moves_the_listening_address(new_buildout, servers
         [buildout]
         extends = {REPO}/buildout.cfg
     """)
-    p = [free_port() for _ in range(5)]  # each one free now, not merely neighbours
+    p = [free_port() for _ in range(7)]  # each one free now, not merely neighbours
     forms = [  # (http-address, addresses to try)
         (str(p[0]), [f"127.0.0.1:{p[0]}"]),
         (f"127.0.0.1:{p[1]}", [f"127.0.0.1:{p[1]}"]),
@@ -389,6 +392,10 @@ def test_changing_http_address_moves_the_listening_address(new_buildout, servers
     ]
     assert _ipv6_loopback(), "this test needs the IPv6 loopback ::1"
     forms.insert(2, (f"[::1]:{p[4]}", [f"[::1]:{p[4]}"]))
+    # Both families on one port, as waitress serves them under bin/instance;
+    # gunicorn alone cannot bind the pair, nor knows '*'.
+    forms += [(f"0.0.0.0:{p[5]} [::]:{p[5]}", [f"127.0.0.1:{p[5]}", f"[::1]:{p[5]}"]),
+              (f"*:{p[6]}", [f"127.0.0.1:{p[6]}", f"[::1]:{p[6]}"])]
     previous = []
     for http_address, addresses in forms:
         buildout.run(f"instance:http-address={http_address}")

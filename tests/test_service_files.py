@@ -141,7 +141,34 @@ def test_systemd_unit_runs_the_script_in_the_foreground_and_stops_gracefully(ser
     sockets = unit_entries(services.location / "gunicorn.socket")
     assert values(sockets, "Socket", "ListenStream") == [
         address.removeprefix("unix:") for address in services.addresses]
+    assert values(sockets, "Socket", "BindIPv6Only") == []  # [::1] takes no IPv4
     assert values(sockets, "Install", "WantedBy") == ["sockets.target"]
+
+
+def test_systemd_socket_on_every_interface_binds_both_families(new_buildout):
+    """``*:PORT``, waitress's every interface: systemd binds [::] next to
+    0.0.0.0 on one port only as IPv6 only, as gunicorn does for the pair."""
+    port = free_port()
+    buildout = new_buildout("everywhere", f"""
+        [buildout]
+        extends = {REPO}/buildout.cfg
+
+        [instance]
+        http-address = *:{port}
+
+        [gunicorn]
+        systemd-unit = true
+        systemd-socket = true
+    """)
+    buildout.run()
+    location = buildout.path("parts", "gunicorn")
+    sockets = unit_entries(location / "gunicorn.socket")
+    assert values(sockets, "Socket", "ListenStream") == [f"0.0.0.0:{port}", f"[::]:{port}"]
+    assert values(sockets, "Socket", "BindIPv6Only") == ["ipv6-only"]
+    result = subprocess.run(
+        [tool("systemd-analyze"), "verify", location / "gunicorn.socket", location / "gunicorn.service"],
+        capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
 def test_systemd_analyze_verify_accepts_the_unit_and_socket(services):

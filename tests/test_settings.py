@@ -12,6 +12,8 @@ from plone.recipe.gunicorn import settings
     ("[::1]:8080", ["[::1]:8080"]),
     ("unix:/run/zope/zope.sock", ["unix:/run/zope/zope.sock"]),
     ("127.0.0.1:8080 8081\n  [::1]:8082", ["127.0.0.1:8080", "0.0.0.0:8081", "[::1]:8082"]),
+    # waitress's every interface; this host has IPv6 (as test_recipe asserts)
+    ("*:8080", ["0.0.0.0:8080", "[::]:8080"]),
 ])
 def test_bind_follows_the_instance_rules_for_http_address(http_address, binds):
     assert settings.bind_from_http_address(http_address) == binds
@@ -25,10 +27,30 @@ def test_bind_follows_the_instance_rules_for_http_address(http_address, binds):
     ("0", "out of range"),
     ("::1:8080", "is not an address"),
     ("unix:", "no socket path"),
+    ("*:http", "is not an address"),
+    ("*:0", "out of range"),
 ])
 def test_malformed_http_address_is_refused(http_address, complaint):
     with pytest.raises(ValueError, match=complaint):
         settings.bind_from_http_address(http_address)
+
+
+def test_a_bind_to_host_star_says_what_gunicorn_takes_instead():
+    with pytest.raises(ValueError, match=r"'\*:8080': gunicorn does not know the host '\*'; "
+                       r"for every interface write 0.0.0.0:8080 \[::\]:8080"):
+        settings.check_bind("*:8080")
+
+
+@pytest.mark.parametrize("binds, only", [
+    (["0.0.0.0:8080", "[::]:8080"], {("::", 8080)}),
+    (["[::]:8080", "127.0.0.1:8080", "unix:/run/z.sock"], {("::", 8080)}),
+    (["[::]:8080"], set()),  # alone: both families, as gunicorn binds it
+    (["0.0.0.0:8080", "[::]:8081"], set()),
+    (["127.0.0.1:8080", "[::1]:8080"], set()),  # only [::] takes IPv4 too
+    (["fd://3", "localhost:8080"], set()),
+])
+def test_ipv6_wildcard_is_ipv6_only_where_an_ipv4_bind_has_its_port(binds, only):
+    assert settings.ipv6_only(settings.addresses(binds)) == only
 
 
 @pytest.mark.parametrize("option, text, value", [

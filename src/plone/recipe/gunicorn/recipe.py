@@ -292,6 +292,7 @@ class Recipe:
 
     def install(self):
         from plone.recipe.gunicorn import render
+        from plone.recipe.gunicorn import settings as gsettings
 
         context = {
             "part": self.name,
@@ -325,7 +326,8 @@ class Recipe:
         )
         if "systemd-unit" in self.service_files:
             rendered.update(render.systemd_unit(
-                service, self.listen, self.systemd_user, self.systemd_group))
+                service, self.listen, self.systemd_user, self.systemd_group,
+                ipv6_only=bool(gsettings.ipv6_only(gsettings.addresses(self.settings["bind"])))))
         if "logrotate" in self.service_files:
             rendered.update(render.logrotate(service))
         if "supervisor" in self.service_files:

@@ -99,10 +99,12 @@ def script_mode(context, server_settings, pipeline, user_config=None):
 STOP_MARGIN = 10
 
 
-def systemd_unit(context, listen=(), user="", group=""):
+def systemd_unit(context, listen=(), user="", group="", ipv6_only=False):
     """``<part>.service`` and, given ``listen`` (ListenStream= values), ``<part>.socket``.
 
-    ``context`` holds the part's paths and ``graceful_timeout``.
+    ``context`` holds the part's paths and ``graceful_timeout``.  ``ipv6_only``:
+    ``[::]`` shares a port with an IPv4 address, which systemd binds only
+    with ``BindIPv6Only=ipv6-only`` (``settings.ipv6_only``).
     """
     part = context["part"]
     socket_file = f"{part}.socket"
@@ -120,7 +122,8 @@ def systemd_unit(context, listen=(), user="", group=""):
         stop_timeout=context["graceful_timeout"] + STOP_MARGIN,
         socket_dependency=f"Requires={socket_file}\nAfter={socket_file}" if listen else "",
         user_group="\n".join(user_group),
-        listen="\n".join(f"ListenStream={_unit_value(stream)}" for stream in listen),
+        listen="\n".join([f"ListenStream={_unit_value(stream)}" for stream in listen]
+                          + (["BindIPv6Only=ipv6-only"] if ipv6_only else [])),
     )
     result = {f"{part}.service": _fill("systemd.service", values)}
     if listen:

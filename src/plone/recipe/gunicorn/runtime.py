@@ -24,10 +24,12 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 
 from gunicorn import glogging
+from gunicorn import sock as gunicorn_sock
 from gunicorn.app.base import BaseApplication
 from gunicorn.app.pasterapp import has_logging_config
 from gunicorn.app.wsgiapp import WSGIApplication
@@ -196,6 +198,9 @@ class ZopeMaster(BaseApplication):
     database = None  # a preflight.Database, as make_application was told
 
     def run(self):
+        # gunicorn looks its IPv6 listener class up by this name when it binds
+        # (at the start, after a HUP, and in workers with reuse_port).
+        gunicorn_sock.TCP6Socket = TCP6Socket
         try:  # as gunicorn's BaseApplication.run, with the recipe's arbiter
             ZopeArbiter(self, self.database).run()
         except RuntimeError as exc:  # gunicorn's "cannot start", in one line
@@ -264,6 +269,17 @@ class ZopeArbiter(Arbiter):
             while self.WORKERS and time.monotonic() < deadline:
                 self.reap_workers()
                 time.sleep(0.1)
+
+
+class TCP6Socket(gunicorn_sock.TCP6Socket):
+    """gunicorn's IPv6 listener, IPv6 only on ``[::]`` when an IPv4 bind has
+    its port (``settings.ipv6_only``), as waitress makes it: then
+    ``0.0.0.0:8080 [::]:8080`` binds, as under ``bin/instance``."""
+
+    def set_options(self, sock, bound=False):
+        if not bound and self.cfg_addr in settings.ipv6_only(self.conf.address):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        return super().set_options(sock, bound=bound)
 
 
 class PartConfig:

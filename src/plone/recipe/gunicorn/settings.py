@@ -12,8 +12,11 @@ must not import zc.buildout.
 """
 
 import difflib
+import ipaddress
 import re
+import socket
 
+from gunicorn import util
 from gunicorn.config import Config
 from gunicorn.glogging import Logger
 
@@ -162,13 +165,21 @@ def bind_from_http_address(http_address):
 
     The instance's rules: addresses are separated by white space, a bare port
     means all IPv4 interfaces (``0.0.0.0:PORT``), ``host:port`` is kept.  Also
-    kept: ``[::1]:8080`` and ``unix:/path/to/socket``.
+    kept: ``[::1]:8080`` and ``unix:/path/to/socket``.  ``*:PORT``, which
+    gunicorn does not know, is what waitress makes of it under
+    ``bin/instance``: every interface of both families, ``0.0.0.0:PORT`` and,
+    where the host has IPv6, ``[::]:PORT`` (``ipv6_only`` lets the two share
+    the port).
     """
     binds = []
     for address in http_address.split():
         if address.isdigit():
             address = f"0.0.0.0:{address}"
-        binds.append(check_bind(address))
+        if address.startswith("*:"):
+            _, port = _host_port(address)
+            binds += [f"0.0.0.0:{port}"] + ([f"[::]:{port}"] if has_ipv6() else [])
+        else:
+            binds.append(check_bind(address))
     if not binds:
         raise ValueError("it names no address; give a port like 8080 or host:port")
     return binds
@@ -184,6 +195,16 @@ def check_bind(address):
         if not address[len("fd://"):].isdigit():
             raise ValueError(f"{address!r} is not fd://NUMBER")
         return address
+    host, port = _host_port(address)
+    if host == "*":
+        raise ValueError(
+            f"{address!r}: gunicorn does not know the host '*'; for every interface "
+            f"write 0.0.0.0:{port} [::]:{port}")
+    return address
+
+
+def _host_port(address):
+    """``(host, port)`` of a TCP address, or ValueError."""
     match = _HOST_PORT.match(address)
     if match is None:
         raise ValueError(
@@ -192,4 +213,36 @@ def check_bind(address):
     port = int(match["port"])
     if not 0 < port < 65536:
         raise ValueError(f"port {port} in {address!r} is out of range 1-65535")
-    return address
+    return match["host"], port
+
+
+def has_ipv6():
+    """Whether this host can make IPv6 sockets."""
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()
+    except OSError:
+        return False
+    return True
+
+
+def addresses(binds):
+    """gunicorn binds as gunicorn parses them (its ``cfg.address``)."""
+    return [util.parse_address(bind) for bind in binds]
+
+
+def ipv6_only(addresses):
+    """The IPv6 wildcard listeners that must take IPv6 connections only.
+
+    ``addresses`` as gunicorn parses binds (``cfg.address``): ``(host,
+    port)``, a unix socket path or a file descriptor.  On Linux a listener on
+    ``[::]`` takes IPv4 connections too, so it cannot share its port with an
+    IPv4 listener: gunicorn fails to bind ``0.0.0.0:8080 [::]:8080``.  waitress
+    makes each IPv6 listener IPv6 only, and both serve under ``bin/instance``;
+    the recipe does so for such a pair.  A lone ``[::]:8080`` keeps gunicorn's
+    meaning, both families.
+    """
+    tcp = [address for address in addresses if isinstance(address, tuple)]
+    ipv4_ports = {port for host, port in tcp if not util.is_ipv6(host)}
+    return {(host, port) for host, port in tcp
+            if util.is_ipv6(host) and ipaddress.ip_address(host).is_unspecified
+            and port in ipv4_ports}
