@@ -210,6 +210,54 @@ def test_the_instances_initialization_code_runs_first_then_the_parts(new_buildou
         f"instance {buildout.path('parts', 'instance')}\npart\n")
 
 
+def test_sessions_kept_in_each_worker_are_named_at_buildout_time(new_buildout):
+    """Zope's default temporary storage lives in one process's memory: with
+    several workers a session begun in one is empty in the others.  Buildout
+    says so, and what to do (Plone 6 keeps nothing there and has it off)."""
+    buildout = new_buildout("sessions", f"""
+        [buildout]
+        extends = {REPO}/gunicorn.cfg
+        parts = instance gunicorn gunicorn-one
+        [instance]
+        zodb-temporary-storage = on
+        [gunicorn-one]
+        recipe = plone.recipe.gunicorn
+        bind = 127.0.0.1:{free_port()}
+        workers = 1
+    """)
+    output = buildout.run().stdout
+    assert ("gunicorn: 2 workers, and part [instance] keeps Zope's sessions in a "
+            "temporary storage in each process's memory (zodb-temporary-storage): a "
+            "session begun in one worker is empty in the others.  If nothing uses "
+            "REQUEST.SESSION, set zodb-temporary-storage = off") in output
+    assert "gunicorn-one: 1 workers" not in output and output.count("keeps Zope's sessions") == 1
+    assert "keeps Zope's sessions" not in buildout.run("instance:zodb-temporary-storage=off").stdout
+
+
+@pytest.mark.parametrize("option, plone, in_memory", [
+    (None, False, True),  # the instance recipe's default for Zope
+    (None, True, False),  # ... and for Plone 6
+    ("on", True, True),
+    ("off", False, False),
+    ("<zodb_db temporary>\n<temporarystorage>\n</temporarystorage>\nmount-point /temp_folder\n"
+     "</zodb_db>", False, True),
+    ("<zodb_db temporary>\n<zeoclient>\nserver 127.0.0.1:8100\nstorage temp\n</zeoclient>\n"
+     "mount-point /temp_folder\n</zodb_db>", False, False),
+])
+def test_where_the_instance_keeps_sessions(option, plone, in_memory):
+    from types import SimpleNamespace
+
+    from plone.recipe.gunicorn.instance import Instance
+
+    section = {"recipe": "plone.recipe.zope2instance"}
+    if option is not None:
+        section["zodb-temporary-storage"] = option
+    buildout = {"buildout": {"directory": "/srv", "parts-directory": "/srv/parts"},
+                "instance": section}
+    working_set = SimpleNamespace(by_key={"products.cmfplone": object()} if plone else {})
+    assert Instance(buildout, "gunicorn", "instance").sessions_in_memory(working_set) is in_memory
+
+
 def test_generated_files_are_not_writable_by_others(built):
     for path in built.path("parts", "gunicorn-script").iterdir():
         assert not path.stat().st_mode & 0o022, path

@@ -89,6 +89,23 @@ class Instance:
             pipeline.insert(pipeline.index("zope") if "zope" in pipeline else len(pipeline), entry)
         return pipeline, filters
 
+    def sessions_in_memory(self, working_set):
+        """Whether Zope keeps its sessions (``/temp_folder``) in a temporary
+        storage in each process's memory.
+
+        As the instance recipe writes ``zodb-temporary-storage``: on by
+        default, off by default when Products.CMFPlone is installed (Plone 6
+        keeps nothing in Zope sessions), else the ``<zodb_db>`` section it
+        gives, in memory when that is a ``<temporarystorage>``.
+        """
+        value = self.options.get("zodb-temporary-storage")
+        if value is None:
+            return not any(working_set.by_key.get(key) for key in (
+                "products-cmfplone", "products.cmfplone", "Products.CMFPlone"))
+        if value.strip().lower() in ("on", "true", "1"):
+            return True
+        return "<temporarystorage>" in value.lower()
+
     @property
     def database(self):
         """The rules on workers this instance's database asks for."""

@@ -85,6 +85,13 @@ class Recipe:
         # Eggs too: buildout removes a changed part before it installs it anew,
         # and a missing egg found only then would leave no script at all.
         self.working_set = self._working_set()
+        if self.settings["workers"] > 1 and instance.sessions_in_memory(self.working_set):
+            logging.getLogger(name).warning(
+                "%s workers, and part [%s] keeps Zope's sessions in a temporary storage "
+                "in each process's memory (zodb-temporary-storage): a session begun in "
+                "one worker is empty in the others.  If nothing uses REQUEST.SESSION, "
+                "set zodb-temporary-storage = off; else serve the temporary storage "
+                "from ZEO, or use 1 worker", self.settings["workers"], instance.name)
 
     def _refuse_unsafe(self):
         """Never fork after opening a database; never two processes on a FileStorage."""
