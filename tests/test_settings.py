@@ -50,7 +50,7 @@ def test_a_bind_to_host_star_says_what_gunicorn_takes_instead():
     (["fd://3", "localhost:8080"], set()),
 ])
 def test_ipv6_wildcard_is_ipv6_only_where_an_ipv4_bind_has_its_port(binds, only):
-    assert settings.ipv6_only(settings.addresses(binds)) == only
+    assert settings.ipv6_only(settings.parse_binds(binds)) == only
 
 
 @pytest.mark.parametrize("option, text, value", [

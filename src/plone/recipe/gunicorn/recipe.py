@@ -334,7 +334,7 @@ class Recipe:
         if "systemd-unit" in self.service_files:
             rendered.update(render.systemd_unit(
                 service, self.listen, self.systemd_user, self.systemd_group,
-                ipv6_only=bool(gsettings.ipv6_only(gsettings.addresses(self.settings["bind"])))))
+                ipv6_only=bool(gsettings.ipv6_only(gsettings.parse_binds(self.settings["bind"])))))
         if "logrotate" in self.service_files:
             rendered.update(render.logrotate(service))
         if "supervisor" in self.service_files:

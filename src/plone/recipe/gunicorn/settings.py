@@ -225,7 +225,7 @@ def has_ipv6():
     return True
 
 
-def addresses(binds):
+def parse_binds(binds):
     """gunicorn binds as gunicorn parses them (its ``cfg.address``)."""
     return [util.parse_address(bind) for bind in binds]
 
