@@ -230,7 +230,7 @@ def test_sessions_kept_in_each_worker_are_named_at_buildout_time(new_buildout):
             "temporary storage in each process's memory (zodb-temporary-storage): a "
             "session begun in one worker is empty in the others.  If nothing uses "
             "REQUEST.SESSION, set zodb-temporary-storage = off") in output
-    assert "gunicorn-one: 1 workers" not in output and output.count("keeps Zope's sessions") == 1
+    assert output.count("keeps Zope's sessions") == 1  # not for the part with 1 worker
     assert "keeps Zope's sessions" not in buildout.run("instance:zodb-temporary-storage=off").stdout
 
 
