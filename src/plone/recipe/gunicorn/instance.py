@@ -13,6 +13,11 @@ import zc.buildout
 INSTANCE_RECIPES = ("plone.recipe.zope2instance",)
 DEFAULT_PIPELINE = "translogger\negg:Zope#httpexceptions\nzope"
 
+# Switches, written as plone.recipe.zope2instance reads its own (zeo-client);
+# the recipe reads its own switches the same way.
+TRUE = ("on", "true", "yes", "1")
+FALSE = ("off", "false", "no", "0")
+
 
 class Instance:
     """One plone.recipe.zope2instance part, seen from another part."""
@@ -115,7 +120,7 @@ class Instance:
     @property
     def zeo_client(self):
         """Whether the instance is a ZEO client (``zeo-client = on``)."""
-        return self.options.get("zeo-client", "").strip().lower() in ("on", "true", "yes", "1")
+        return self.options.get("zeo-client", "").strip().lower() in TRUE
 
     @property
     def shares_database(self):

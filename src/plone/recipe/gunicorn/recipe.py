@@ -16,7 +16,7 @@ import zc.buildout
 import zc.buildout.easy_install
 import zc.recipe.egg
 
-from plone.recipe.gunicorn.instance import Instance
+from plone.recipe.gunicorn.instance import FALSE, TRUE, Instance
 
 MODES = ("ini", "script")
 
@@ -34,10 +34,6 @@ RECIPE_OPTIONS = frozenset({
 
 # Filters the generated ini defines; other pipeline entries must be egg: URIs.
 KNOWN_FILTERS = ("translogger", "zope")
-
-# Switches, written as plone.recipe.zope2instance reads its own.
-TRUE = ("on", "true", "yes", "1")
-FALSE = ("off", "false", "no", "0")
 
 
 class Recipe:
