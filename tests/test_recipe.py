@@ -286,7 +286,8 @@ BROKEN = {
         "[gunicorn]\ninstance = other\n[other]\nrecipe = zc.recipe.egg\neggs = Zope",
         ["[gunicorn] instance = other", "not plone.recipe.zope2instance"]),
     "http-address out of range": ("[instance]\nhttp-address = 127.0.0.1:99999",
-                                  ["[instance] http-address = '127.0.0.1:99999'", "1-65535"]),
+                                  ["[instance] http-address = '127.0.0.1:99999'", "1-65535",
+                                   "(or give part [gunicorn] its own bind)"]),
     "malformed bind": ("[gunicorn]\nbind = localhost:",
                        ["[gunicorn] bind = 'localhost:'", "HOST:PORT"]),
     "bind to host star": ("[gunicorn]\nbind = *:8080",
@@ -456,6 +457,29 @@ def test_changing_http_address_moves_the_listening_address(new_buildout, servers
                 request(address, timeout=2)
         assert server.stop() == 0
         previous = addresses
+
+
+def test_a_part_with_its_own_bind_does_not_read_the_instance_http_address(
+        new_buildout, servers):
+    # waitress serves an unbracketed IPv6 address (with http-fast-listen =
+    # off); gunicorn knows only [::1]:PORT.  The part's own bind is the way out.
+    address = f"127.0.0.1:{free_port()}"
+    buildout = new_buildout("ownbind", f"""
+        [buildout]
+        extends = {REPO}/buildout.cfg
+        [instance]
+        http-address = ::1:{free_port()}
+        http-fast-listen = off
+    """)
+    refused = buildout.run(check=False)
+    assert refused.returncode != 0
+    assert "(or give part [gunicorn] its own bind)" in refused.stdout + refused.stderr
+    buildout.run(f"gunicorn:bind={address}")
+    server = read_ini(buildout.path("parts", "gunicorn", "gunicorn.ini"))["server:main"]
+    assert server["bind"] == address
+    server = servers([buildout.path("bin", "gunicorn-instance")], buildout.dir, name="ownbind")
+    assert wait_until_serving(server, address) == 200
+    assert server.stop() == 0
 
 
 def test_script_mode_serves_the_instance_pipeline(new_buildout, servers):

@@ -73,7 +73,9 @@ class Recipe:
         self.eventlog = os.path.join(self.log_dir, f"{name}.log")
         self.accesslog = os.path.join(self.log_dir, f"{name}-access.log")
 
-        self.settings = self._settings(gsettings, user_options, self._defaults(gsettings))
+        set_by_part = {gsettings.setting_name(option) for option in user_options}
+        self.settings = self._settings(
+            gsettings, user_options, self._defaults(gsettings, set_by_part))
         self.max_body = self._max_body()
         self._refuse_unsafe()
         self.pipeline = self._pipeline()
@@ -81,6 +83,12 @@ class Recipe:
         # Eggs too: buildout removes a changed part before it installs it anew,
         # and a missing egg found only then would leave no script at all.
         self.working_set = self._working_set()
+        if instance.zeo_client_client and self.settings["workers"] == 1:
+            logging.getLogger(name).info(
+                "one worker with %s threads: part [%s] sets zeo-client-client = %s, "
+                "a ZEO cache file that one process may open; without it the "
+                "default is %s workers", self.settings["threads"], instance.name,
+                instance.zeo_client_client, (os.cpu_count() or 1) + 1)
         if self.settings["workers"] > 1 and instance.sessions_in_memory(self.working_set):
             logging.getLogger(name).warning(
                 "%s workers, and part [%s] keeps Zope's sessions in a temporary storage "
@@ -121,22 +129,29 @@ class Recipe:
         return next(k for k in self.options if gsettings.setting_name(k) == setting
                     and k not in RECIPE_OPTIONS)
 
-    def _defaults(self, gsettings):
-        """gunicorn settings for Zope where the part says nothing (option names)."""
+    def _defaults(self, gsettings, set_by_part):
+        """gunicorn settings for Zope where the part says nothing (option
+        names).  The instance's ``http-address`` and ``threads`` are read only
+        when the part does not set ``bind`` and ``threads`` itself."""
         name, instance, var = self.name, self.instance, self.options["var"]
-        try:
-            bind = gsettings.bind_from_http_address(instance.http_address)
-        except ValueError as exc:
-            raise zc.buildout.UserError(
-                f"[{instance.name}] http-address = {instance.http_address!r}: {exc}")
-        try:
-            threads = int(instance.threads)
-        except ValueError:
-            threads = 0
-        if threads < 1:
-            raise zc.buildout.UserError(
-                f"[{instance.name}] threads = {instance.threads!r}: not a whole number "
-                "of 1 or more")
+        defaults = {}
+        if "bind" not in set_by_part:
+            try:
+                defaults["bind"] = "\n".join(gsettings.bind_from_http_address(instance.http_address))
+            except ValueError as exc:
+                raise zc.buildout.UserError(
+                    f"[{instance.name}] http-address = {instance.http_address!r}: {exc}"
+                    f" (or give part [{name}] its own bind)")
+        threads = 1
+        if "threads" not in set_by_part:
+            try:
+                threads = int(instance.threads)
+            except ValueError:
+                threads = 0
+            if threads < 1:
+                raise zc.buildout.UserError(
+                    f"[{instance.name}] threads = {instance.threads!r}: not a whole number "
+                    "of 1 or more")
         per_core = (os.cpu_count() or 1) + 1
         if instance.shares_database and not instance.zeo_client_client:
             # ZEO, RelStorage: single-threaded (sync) workers, one per core and
@@ -152,14 +167,8 @@ class Recipe:
             # file (zeo-client-client): the instance's threads give it
             # concurrency, as they give waitress.
             workers = 1
-            if instance.zeo_client_client:
-                logging.getLogger(name).info(
-                    "one worker with %s threads: part [%s] sets zeo-client-client = %s, "
-                    "a ZEO cache file that one process may open; without it the "
-                    "default is %s workers", threads, instance.name,
-                    instance.zeo_client_client, per_core)
         return {
-            "bind": "\n".join(bind),
+            **defaults,
             "control-socket": os.path.join(var, f"{name}.ctl"),
             "forwarded-allow-ips": "127.0.0.1,::1",
             "pidfile": os.path.join(var, f"{name}.pid"),
