@@ -173,6 +173,53 @@ def test_check_reports_an_application_that_does_not_load(verbs):
     assert out.splitlines()[-1] == "gunicorn-script-instance: the application does not load (see above)"
 
 
+USER_LOGGING = """\
+[loggers]
+keys = root, gunicorn.error
+[handlers]
+keys = console
+[formatters]
+keys = mine
+[logger_root]
+level = WARNING
+handlers = console
+[logger_gunicorn.error]
+level = INFO
+handlers = console
+propagate = 0
+qualname = gunicorn.error
+[handler_console]
+class = StreamHandler
+args = (sys.stdout,)
+formatter = mine
+[formatter_mine]
+format = MINE %(levelname)s %(name)s %(message)s
+"""
+
+
+@pytest.mark.parametrize("part", ["gunicorn", "gunicorn-script"])
+def test_loglevel_rules_the_recipes_logging_and_a_users_logconfig_keeps_its_levels(
+        verbs, servers, tmp_path, part):
+    address, script_path = verbs.addresses[part], verbs.path("bin", f"{part}-instance")
+
+    def serve(*args):
+        server = servers([script_path, *args], verbs.dir, name=f"{part} {' '.join(args)}")
+        assert wait_until_serving(server, address) == 200
+        assert server.stop() == 0
+        return server.log_path.read_text(errors="replace")  # all of it, stop included
+
+    zope_info = "Ready to handle requests"  # Zope's own logger, at INFO
+    assert zope_info in serve()
+    # The recipe's logging configuration: Zope's event log follows --log-level.
+    assert zope_info not in serve("--log-level", "warning")
+    # A user's own: its root level (WARNING) holds under the default loglevel.
+    user_logging = tmp_path / "logging.ini"
+    user_logging.write_text(USER_LOGGING)
+    output = serve("--log-config", str(user_logging))
+    assert "MINE INFO gunicorn.error Booting worker" in output, output
+    assert zope_info not in output, output
+
+
 def test_debug_runs_one_worker_with_code_reload(verbs, servers):
     address = verbs.addresses["gunicorn-script"]
     server = servers([verbs.path("bin", "gunicorn-script-instance"), "debug"], verbs.dir,

@@ -36,7 +36,7 @@ from gunicorn.app.wsgiapp import WSGIApplication
 from gunicorn.arbiter import Arbiter
 from gunicorn.instrument.statsd import Statsd
 
-from plone.recipe.gunicorn import control, preflight, settings
+from plone.recipe.gunicorn import control, preflight, render, settings
 
 
 def main(mode, config, argv=None, shared_database=None, prog=None, zeo_client_client=None):
@@ -140,7 +140,8 @@ class ZopeDefaults:
 
 class Logger(glogging.Logger):
     """gunicorn's logger, whose ``loglevel`` also rules the logging configuration
-    the recipe writes (Zope's event log): ``--log-level debug`` works.
+    the recipe writes (Zope's event log): ``--log-level debug`` works.  A
+    ``logconfig`` of the user's own keeps the levels it gives.
 
     In ini mode the pipeline's translogger writes the access log, as under
     ``bin/instance``, and the configuration silences ``gunicorn.access``.
@@ -152,7 +153,8 @@ class Logger(glogging.Logger):
     def setup(self, cfg):
         super().setup(cfg)
         level = self.LOG_LEVELS.get(cfg.loglevel.lower(), logging.INFO)
-        logging.getLogger().setLevel(level)
+        if written_by_recipe(cfg.logconfig):
+            logging.getLogger().setLevel(level)
         self.error_log.setLevel(level)
 
     def access(self, resp, req, environ, request_time):
@@ -166,6 +168,15 @@ class StatsdLogger(Logger, Statsd):
     def access(self, resp, req, environ, request_time):
         # gunicorn's statsd logger counts requests where it logs them: always.
         Statsd.access(self, resp, req, environ, request_time)
+
+
+def written_by_recipe(logconfig):
+    """Whether a logging configuration file is one the recipe wrote."""
+    try:
+        with open(logconfig) as config:
+            return config.readline().startswith(render.GENERATED)
+    except (OSError, TypeError, UnicodeDecodeError):  # TypeError: no logconfig
+        return False
 
 
 def die_with_parent():
