@@ -303,6 +303,14 @@ BROKEN = {
     "instance body size not bytes": ("[instance]\nmax-request-body-size = 1GB",
                                      ["[instance] max-request-body-size = '1GB'",
                                       "whole number of bytes"]),
+    "instance log level unknown": ("[instance]\nevent-log-level = LOUD",
+                                   ["[instance] event-log-level = 'LOUD'", "not a logging level"]),
+    "instance access log level unknown": (
+        "[instance]\naccess-log-level = quiet",
+        ["[instance] access-log-level = 'quiet'", "DEBUG, INFO, WARNING"]),
+    "instance log args without the file": (
+        "[instance]\nevent-log-handler = FileHandler\nevent-log-args = (r'{1}', 'a')",
+        ["[instance] event-log-args = \"(r'{1}', 'a')\"", "only {} may stand in braces"]),
     "no workers": ("[gunicorn]\nworkers = 0",
                    ["[gunicorn] workers = '0'", "at least 1", "answers none"]),
     "no threads": ("[gunicorn]\nthreads = 0", ["[gunicorn] threads = '0'", "at least 1"]),
@@ -480,6 +488,47 @@ def test_a_part_with_its_own_bind_does_not_read_the_instance_http_address(
     server = servers([buildout.path("bin", "gunicorn-instance")], buildout.dir, name="ownbind")
     assert wait_until_serving(server, address) == 200
     assert server.stop() == 0
+
+
+def test_the_part_logs_with_the_instance_log_options(new_buildout, servers):
+    address = f"127.0.0.1:{free_port()}"
+    buildout = new_buildout("logs", f"""
+        [buildout]
+        extends = {REPO}/buildout.cfg
+        [instance]
+        http-address = {address}
+        event-log-level = WARN
+        event-log-handler = logging.handlers.RotatingFileHandler
+        event-log-args = (r'{{}}', 'a', 1000000, 3)
+        access-log-handler = StreamHandler
+        access-log-args = (sys.stdout,)
+    """)
+    log, access_log = buildout.path("var", "log", "gunicorn.log"), buildout.path(
+        "var", "log", "gunicorn-access.log")
+    result = buildout.run()
+    # A master and its workers must not each rotate one file.
+    assert ("part [instance] sets event-log-handler = logging.handlers.RotatingFileHandler"
+            in result.stdout + result.stderr)
+    ini = read_ini(buildout.path("parts", "gunicorn", "gunicorn.ini"))
+    assert ini["handler_eventlog"]["class"] == "logging.handlers.WatchedFileHandler"
+    assert ini["server:main"]["loglevel"] == "warning"
+
+    def serve():
+        server = servers([buildout.path("bin", "gunicorn-instance")], buildout.dir, name="logs")
+        assert wait_until_serving(server, address) == 200
+        assert server.stop() == 0
+        return server.log_path.read_text(errors="replace")
+
+    output = serve()
+    assert '"GET / HTTP/1.1" 200' in output  # the access log's StreamHandler
+    assert not access_log.exists()
+    assert log.exists() and "Ready to handle requests" not in log.read_text()  # WARN
+
+    log.unlink()
+    buildout.run("instance:event-log=disable", "instance:event-log-level=INFO")
+    assert "handler_eventlog" not in read_ini(buildout.path("parts", "gunicorn", "gunicorn.ini"))
+    assert "Ready to handle requests" in serve()  # on the console, as under bin/instance
+    assert not log.exists()
 
 
 def test_script_mode_serves_the_instance_pipeline(new_buildout, servers):

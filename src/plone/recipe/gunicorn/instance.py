@@ -7,6 +7,7 @@ database is shared with other processes (ZEO or RelStorage client).
 
 import os
 import re
+from typing import NamedTuple
 
 import zc.buildout
 
@@ -17,6 +18,26 @@ DEFAULT_PIPELINE = "translogger\negg:Zope#httpexceptions\nzope"
 # the recipe reads its own switches the same way.
 TRUE = ("on", "true", "yes", "1")
 FALSE = ("off", "false", "no", "0")
+
+
+# Python's logging levels as a logging configuration file names them (the
+# instance writes its event-log-level and access-log-level into wsgi.ini),
+# with gunicorn's name for each.
+LOG_LEVELS = {"CRITICAL": "critical", "FATAL": "critical", "ERROR": "error",
+              "WARNING": "warning", "WARN": "warning", "INFO": "info",
+              "DEBUG": "debug", "NOTSET": "debug"}
+
+
+class Log(NamedTuple):
+    """One of the instance's two logs, as its options set it up in wsgi.ini:
+    ``event-log`` or ``access-log`` (``z2-log``), then ``-level``,
+    ``-handler``, ``-args`` (``{}`` stands for the file) and ``-kwargs``."""
+
+    disabled: bool
+    level: str  # the option's value, as given
+    handler: str  # a logging handler class; '' for the instance's FileHandler
+    args: str  # '' for (the file, 'a')
+    kwargs: str  # '' for {}
 
 
 class Instance:
@@ -54,6 +75,22 @@ class Instance:
         # the instance writes it into zope.conf only for a ZEO client.
         self.zeo_client_client = (
             options.get("zeo-client-client", "").strip() if self.zeo_client else "")
+
+    def log(self, kind):
+        """The instance's ``event`` or ``access`` log (``Log``)."""
+        options = self.options
+        if kind == "event":
+            path, level = options.get("event-log", ""), options.get("event-log-level", "INFO")
+        else:
+            path = options.get("z2-log", options.get("access-log", ""))
+            level = options.get("access-log-level", options.get("z2-log-level", "INFO"))
+        return Log(
+            disabled=path.strip().lower() == "disable",
+            level=level.strip(),
+            handler=options.get(f"{kind}-log-handler", "").strip(),
+            args=options.get(f"{kind}-log-args", "").strip(),
+            kwargs=options.get(f"{kind}-log-kwargs", "").strip(),
+        )
 
     def _pipeline(self, name, options):
         """The pipeline the instance's own ``wsgi.ini`` runs, and the filter

@@ -16,7 +16,7 @@ import zc.buildout
 import zc.buildout.easy_install
 import zc.recipe.egg
 
-from plone.recipe.gunicorn.instance import FALSE, TRUE, Instance
+from plone.recipe.gunicorn.instance import FALSE, LOG_LEVELS, TRUE, Instance
 
 MODES = ("ini", "script")
 
@@ -31,6 +31,14 @@ RECIPE_OPTIONS = frozenset({
     "systemd-unit-file", "systemd-socket-file", "logrotate-file", "supervisor-file",
     "eggs-directory", "develop-eggs-directory", "_e", "_d", "_b",
 })
+
+# The handler of the part's logs where the instance writes its own with
+# logging's FileHandler (its default): one that also reopens a file that
+# logrotate moved away.
+WATCHED = "logging.handlers.WatchedFileHandler"
+# Handlers that rotate their file themselves, each process on its own: not
+# for a file that a master and its workers write (bin/instance is one process).
+ROTATING = ("RotatingFileHandler", "TimedRotatingFileHandler")
 
 # Filters the generated ini defines; other pipeline entries must be egg: URIs.
 KNOWN_FILTERS = ("translogger", "zope")
@@ -77,6 +85,7 @@ class Recipe:
         self.settings = self._settings(
             gsettings, user_options, self._defaults(gsettings, set_by_part))
         self.max_body = self._max_body()
+        self.logs = self._logs()
         self._refuse_unsafe()
         self.pipeline = self._pipeline()
         self.service_files = self._service_files()
@@ -124,6 +133,49 @@ class Recipe:
                 "number of bytes (the instance's default is 1073741824, 1 GiB)")
         return int(value)
 
+    def _logs(self):
+        """The part's logging, with the handlers and levels of the instance's
+        logs, as plone.recipe.zope2instance writes them into ``wsgi.ini``,
+        but into the part's own files (for ``render.logging_ini``)."""
+        event, access = self.instance.log("event"), self.instance.log("access")
+        return {
+            "loglevel": self.settings["loglevel"],
+            "event": None if event.disabled else self._handler("event", event, self.eventlog),
+            "access": self._handler("access", access, self.accesslog),
+            "access_level": "WARNING" if access.disabled else self._level("access", access).upper(),
+        }
+
+    def _level(self, kind, log):
+        """gunicorn's name for the level of one of the instance's logs."""
+        try:
+            return LOG_LEVELS[log.level.upper()]
+        except KeyError:
+            raise zc.buildout.UserError(
+                f"[{self.instance.name}] {kind}-log-level = {log.level!r}: not a logging "
+                "level; write DEBUG, INFO, WARNING, ERROR or CRITICAL") from None
+
+    def _handler(self, kind, log, path):
+        """``(class, args, kwargs)`` of the handler writing ``path``, as the
+        instance's handler writes its own file."""
+        module, _, name = log.handler.rpartition(".")
+        if name in ROTATING and module in ("", "handlers", "logging.handlers"):
+            logging.getLogger(self.name).warning(
+                "part [%s] sets %s-log-handler = %s: each process of the gunicorn part "
+                "(the master and every worker) would rotate %s on its own, losing "
+                "lines; the part writes it with WatchedFileHandler.  Rotate it with "
+                "logrotate = true", self.instance.name, kind, log.handler, path)
+            return WATCHED, repr((path, "a")), "{}"
+        handler = log.handler
+        if log.handler in ("", "FileHandler", "logging.FileHandler"):
+            handler = WATCHED
+        try:
+            args = log.args.format(path) if log.args else repr((path, "a"))
+        except (IndexError, KeyError, ValueError):
+            raise zc.buildout.UserError(
+                f"[{self.instance.name}] {kind}-log-args = {log.args!r}: only {{}} may "
+                "stand in braces, for the log file; write arguments like (r'{}', 'a')") from None
+        return handler, args, log.kwargs or "{}"
+
     def _option_for(self, setting):
         from plone.recipe.gunicorn import settings as gsettings
         return next(k for k in self.options if gsettings.setting_name(k) == setting
@@ -142,6 +194,9 @@ class Recipe:
                 raise zc.buildout.UserError(
                     f"[{instance.name}] http-address = {instance.http_address!r}: {exc}"
                     f" (or give part [{name}] its own bind)")
+        if "loglevel" not in set_by_part:
+            # The instance's event-log-level: under gunicorn, loglevel sets it.
+            defaults["loglevel"] = self._level("event", instance.log("event"))
         threads = 1
         if "threads" not in set_by_part:
             try:
@@ -314,7 +369,7 @@ class Recipe:
             "zope_conf": self.instance.zope_conf,
             "eventlog": self.eventlog,
             "accesslog": self.accesslog,
-            "loglevel": self.settings.get("loglevel", "info"),
+            "logs": self.logs,
             "logconfig": os.path.join(self.location, "logging.ini"),
             "max_request_body_size": str(self.max_body),
         }

@@ -26,16 +26,31 @@ def template(name):
     return Template(files("plone.recipe.gunicorn").joinpath("templates", name).read_text())
 
 
-def logging_ini(eventlog, accesslog, loglevel, gunicorn_access_level):
-    """Logging shared by both modes: the Zope event log and gunicorn's messages in
-    ``var/log/<part>.log`` and on stderr, requests in ``var/log/<part>-access.log``.
+def logging_ini(logs, gunicorn_access_level):
+    """Logging shared by both modes: the Zope event log and gunicorn's messages
+    on stderr and in ``var/log/<part>.log``, requests in
+    ``var/log/<part>-access.log``, with the handlers and levels of the
+    instance's logs (``logs``: ``loglevel``, ``access_level`` and the
+    ``event`` and ``access`` handlers, each ``(class, args, kwargs)``; no
+    ``event`` when the instance disables its event log).
 
-    WatchedFileHandler reopens a file that logrotate moved away.
+    The default handler, WatchedFileHandler, reopens a file that logrotate
+    moved away.
     """
+    event = logs["event"]
+    eventlog_section = "" if event is None else (
+        "[handler_eventlog]\nclass = {}\nargs = {}\nkwargs = {}\n"
+        "level = NOTSET\nformatter = generic\n\n".format(*event))
+    access_class, access_args, access_kwargs = logs["access"]
     return template("logging.ini").substitute(
-        eventlog=eventlog,
-        accesslog=accesslog,
-        loglevel=loglevel.upper(),
+        handler_keys="console, accesslog" if event is None else "console, eventlog, accesslog",
+        root_handlers="console" if event is None else "console, eventlog",
+        eventlog_section=eventlog_section,
+        loglevel=logs["loglevel"].upper(),
+        access_class=access_class,
+        access_args=access_args,
+        access_kwargs=access_kwargs,
+        access_level=logs["access_level"],
         gunicorn_access_level=gunicorn_access_level,
     )
 
@@ -60,8 +75,7 @@ def ini_mode(context, server_settings, pipeline, filters=None):
         filters="".join(
             f"[filter:{name}]\n" + "".join(f"{key} = {value}\n" for key, value in keys.items()) + "\n"
             for name, keys in (filters or {}).items()),
-        logging=logging_ini(context["eventlog"], context["accesslog"],
-                            context["loglevel"], "WARNING"),
+        logging=logging_ini(context["logs"], "WARNING"),
     )
     # Catch a broken ini here rather than at start.
     configparser.ConfigParser(interpolation=None).read_string(ini)
@@ -94,7 +108,7 @@ def script_mode(context, server_settings, pipeline, user_config=None):
         context, zope_conf=repr(context["zope_conf"]), filters=pprint.pformat(filters))
     compile(app, "gunicornapp.py", "exec")
     logging = (f"{GENERATED} for part [{context['part']}]; buildout rewrites it.\n\n"
-               + logging_ini(context["eventlog"], context["accesslog"], context["loglevel"], "INFO"))
+               + logging_ini(context["logs"], context["logs"]["access_level"]))
     return {"gunicorn.conf.py": conf, "gunicornapp.py": app, "logging.ini": logging}
 
 
