@@ -1,5 +1,6 @@
 """bin/<part>-instance at start: misconfigurations exit non-zero with one clear line."""
 
+import fcntl
 import os
 import signal
 import socket
@@ -55,6 +56,28 @@ def test_port_in_use_is_one_line(fs):
         line = start_refused(fs)
     assert line == (f"gunicorn-instance: {fs.address} is in use by another program; "
                     "stop it or change http-address or bind")
+
+
+def test_a_database_open_in_another_process_is_one_line(fs):
+    # bin/instance fg, or another part, has the FileStorage open: it holds the
+    # lock on Data.fs.lock (here this test does, as ZODB does it).
+    lock = fs.path("var", "filestorage", "Data.fs.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    says = (f"Couldn't lock '{lock}': another process holds it (bin/instance, "
+            "or another gunicorn part); stop it first")
+    with open(lock, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert start_refused(fs, "check") == f"gunicorn-instance: the application does not load: {says}"
+        began = time.monotonic()
+        result = subprocess.run([str(fs.path("bin", "gunicorn-instance"))], cwd=fs.dir,
+                                capture_output=True, text=True, timeout=120,
+                                stdin=subprocess.DEVNULL)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert says in output.splitlines(), output  # gunicorn's own lines around it
+    assert "Traceback" not in output, output
+    assert "Reason: App failed to load." in output, output
+    assert time.monotonic() - began < 60
 
 
 @pytest.mark.parametrize("worker, threads", [("SyncWorker", "1"), ("ThreadWorker", "4")])

@@ -31,6 +31,9 @@ import tempfile
 from contextlib import contextmanager
 from tempfile import SpooledTemporaryFile
 
+from gunicorn.errors import AppImportError
+from zc.lockfile import LockError
+
 # Bodies up to this size stay in memory; larger ones (uploads) go to a file.
 SPOOL_IN_MEMORY = 1024 * 1024
 COPY_CHUNK = 64 * 1024
@@ -58,8 +61,15 @@ def make_zope_app(global_conf, zope_conf, max_request_body_size=None, **local_co
         global_conf = {**global_conf, "debug_mode": "true"}
     # As plone.recipe.zope2instance's ctl.py: zope.conf may refer to it.
     os.environ["ZEO_TMP"] = tempfile.gettempdir()
-    with startup_lock(zope_conf):
-        application = make_wsgi_app(global_conf, zope_conf)
+    try:
+        with startup_lock(zope_conf):
+            application = make_wsgi_app(global_conf, zope_conf)
+    except LockError as exc:
+        # gunicorn prints an AppImportError in one line, without a traceback,
+        # and stops the server.
+        raise AppImportError(
+            f"{exc}: another process holds it (bin/instance, or another gunicorn "
+            "part); stop it first") from None
     limit = None if max_request_body_size is None else int(max_request_body_size)
     return RewindableInput(application, limit)
 

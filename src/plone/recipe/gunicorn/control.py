@@ -22,6 +22,8 @@ import sys
 import time
 import traceback
 
+from gunicorn.errors import AppImportError
+
 VERBS = ("fg", "start", "stop", "restart", "reload", "status", "check", "debug")
 DEBUG_ENV = "PLONE_RECIPE_GUNICORN_DEBUG"
 
@@ -190,6 +192,9 @@ def check(application, prog):
             sys.path.insert(0, os.path.abspath(path))
     try:
         application.wsgi()
+    except AppImportError as exc:  # said in one line (a locked database, say)
+        print(f"{prog}: the application does not load: {exc}", file=sys.stderr)
+        return FAILED
     except Exception:
         traceback.print_exc()
         print(f"{prog}: the application does not load (see above)", file=sys.stderr)
