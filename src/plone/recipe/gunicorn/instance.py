@@ -101,8 +101,7 @@ class Instance:
         their filters before ``zope``.
         """
         pipeline = (options.get("pipeline") or DEFAULT_PIPELINE).split()
-        access_log = options.get("z2-log", options.get("access-log", ""))
-        if access_log.strip().lower() == "disable":
+        if self.log("access").disabled:
             pipeline = [entry for entry in pipeline if entry != "translogger"]
         filters = {}
         if options.get("sentry_dsn", "").strip():

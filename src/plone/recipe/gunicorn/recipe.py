@@ -165,9 +165,7 @@ class Recipe:
                 "lines; the part writes it with WatchedFileHandler.  Rotate it with "
                 "logrotate = true", self.instance.name, kind, log.handler, path)
             return WATCHED, repr((path, "a")), "{}"
-        handler = log.handler
-        if log.handler in ("", "FileHandler", "logging.FileHandler"):
-            handler = WATCHED
+        handler = WATCHED if log.handler in ("", "FileHandler", "logging.FileHandler") else log.handler
         try:
             args = log.args.format(path) if log.args else repr((path, "a"))
         except (IndexError, KeyError, ValueError):
