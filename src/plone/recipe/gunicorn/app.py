@@ -31,9 +31,6 @@ import tempfile
 from contextlib import contextmanager
 from tempfile import SpooledTemporaryFile
 
-from gunicorn.errors import AppImportError
-from zc.lockfile import LockError
-
 # Bodies up to this size stay in memory; larger ones (uploads) go to a file.
 SPOOL_IN_MEMORY = 1024 * 1024
 COPY_CHUNK = 64 * 1024
@@ -55,7 +52,9 @@ def make_zope_app(global_conf, zope_conf, max_request_body_size=None, **local_co
 
     ``max_request_body_size``: the instance's option, bytes (None: no limit).
     """
+    from gunicorn.errors import AppImportError
     from Zope2.Startup.run import make_wsgi_app
+    from zc.lockfile import LockError  # ZODB's, for its FileStorage and ZEO cache
 
     if os.environ.get("PLONE_RECIPE_GUNICORN_DEBUG"):  # bin/<part>-instance debug
         global_conf = {**global_conf, "debug_mode": "true"}
