@@ -97,7 +97,7 @@ class Recipe:
                 "one worker with %s threads: part [%s] sets zeo-client-client = %s, "
                 "a ZEO cache file that one process may open; without it the "
                 "default is %s workers", self.settings["threads"], instance.name,
-                instance.zeo_client_client, (os.cpu_count() or 1) + 1)
+                instance.zeo_client_client, shared_database_workers())
         if self.settings["workers"] > 1 and instance.sessions_in_memory(self.working_set):
             logging.getLogger(name).warning(
                 "%s workers, and part [%s] keeps Zope's sessions in a temporary storage "
@@ -205,7 +205,6 @@ class Recipe:
                 raise zc.buildout.UserError(
                     f"[{instance.name}] threads = {instance.threads!r}: not a whole number "
                     "of 1 or more")
-        per_core = (os.cpu_count() or 1) + 1
         if instance.shares_database and not instance.zeo_client_client:
             # ZEO, RelStorage: single-threaded (sync) workers, one per core and
             # one more.  Zope is CPU-bound: processes share no GIL, and the
@@ -214,7 +213,7 @@ class Recipe:
             # connection stays with the worker that accepted it, so one worker
             # may get all the load.  The extra worker answers fast requests
             # while a slow one holds another.  (docs/benchmarks.rst)
-            workers, threads = per_core, 1
+            workers, threads = shared_database_workers(), 1
         else:
             # A FileStorage belongs to one process, and so does a ZEO cache
             # file (zeo-client-client): the instance's threads give it
@@ -447,6 +446,11 @@ class Recipe:
                        + (f", zeo_client_client={self.instance.zeo_client_client!r}"
                           if self.instance.zeo_client_client else "")),
         )
+
+
+def shared_database_workers():
+    """The default workers on a shared database: one per core and one more."""
+    return (os.cpu_count() or 1) + 1
 
 
 def _switch(part, options, option):
