@@ -1,6 +1,7 @@
 """A buildout section in, files and scripts out: real buildout runs."""
 
 import configparser
+import contextlib
 import gzip
 import http.client
 import os
@@ -335,6 +336,16 @@ BROKEN = {
     "pipeline filter unknown here": (
         "[instance]\npipeline = sentry zope",
         ["[instance] pipeline", "'sentry'", "egg:DISTRIBUTION#ENTRY_POINT"]),
+    "error log a directory": (
+        "[gunicorn]\nerrorlog = /tmp",
+        ["[gunicorn] errorlog = '/tmp'", "a directory, not a file", "or - for stderr"]),
+    "access log under a file": (
+        "[gunicorn]\naccesslog = buildout.cfg/access.log",
+        ["[gunicorn] accesslog = 'buildout.cfg/access.log'", "buildout.cfg is not a directory",
+         "or - for stdout"]),
+    "logrotate with no log file": (
+        "[gunicorn]\nlogrotate = true\nerrorlog = -\naccesslog = -",
+        ["[gunicorn] logrotate = 'true'", "no log file to rotate"]),
     "service file switch not a switch": (
         "[gunicorn]\nsystemd-unit = maybe",
         ["[gunicorn] systemd-unit = 'maybe'", "write true or false"]),
@@ -529,6 +540,59 @@ def test_the_part_logs_with_the_instance_log_options(new_buildout, servers):
     assert "handler_eventlog" not in read_ini(buildout.path("parts", "gunicorn", "gunicorn.ini"))
     assert "Ready to handle requests" in serve()  # on the console, as under bin/instance
     assert not log.exists()
+
+
+@pytest.mark.parametrize("mode", ["ini", "script"])
+def test_gunicorns_errorlog_accesslog_and_syslog_say_where_the_part_logs(
+        new_buildout, servers, mode):
+    # gunicorn lets a logging configuration file, which the part always has,
+    # silently replace these settings; the part applies them to its own.
+    address = f"127.0.0.1:{free_port()}"
+    buildout = new_buildout(f"ownlogs-{mode}", f"""
+        [buildout]
+        extends = {REPO}/buildout.cfg
+        [gunicorn]
+        mode = {mode}
+        bind = {address}
+        errorlog = logs/zope.log
+        accesslog = -
+        logrotate = true
+    """)
+    buildout.run()
+    event_log = buildout.path("logs", "zope.log")  # the directory is made, as var/log is
+    assert f'"{event_log}" {{' in buildout.path("parts", "gunicorn", "logrotate.conf").read_text()
+    script = buildout.path("bin", "gunicorn-instance")
+
+    def serve(path, *args):
+        """Serve ``path`` once; return what the server wrote to stdout."""
+        stdout = buildout.path(f"stdout-{len(args)}.txt")
+        server = servers(["sh", "-c", f'exec "$0" "$@" 2>/dev/null >"{stdout}"', script, *args],
+                         buildout.dir, name=f"ownlogs {mode} {args}")
+        assert wait_until_serving(server, address) == 200
+        assert request(address, path)[0] == 200
+        assert server.stop() == 0
+        return stdout.read_text()
+
+    assert '"GET /?own-logs HTTP/1.1" 200' in serve("/?own-logs")  # accesslog = -
+    assert "Ready to handle requests" in event_log.read_text()  # errorlog, Zope's too
+    assert not buildout.path("var", "log", "gunicorn.log").exists()
+    assert not buildout.path("var", "log", "gunicorn-access.log").exists()
+
+    # The same settings on the command line, and syslog.
+    access_log = buildout.path("cli-access.log")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as syslog:
+        syslog.bind(("127.0.0.1", 0))
+        syslog.setblocking(False)
+        stdout = serve("/?command-line", "--access-logfile", str(access_log), "--log-syslog",
+                       "--log-syslog-to", "udp://127.0.0.1:%d" % syslog.getsockname()[1])
+        received = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                received.append(syslog.recv(65536).decode())
+    assert "/?command-line" not in stdout
+    assert '"GET /?command-line HTTP/1.1" 200' in access_log.read_text()
+    assert any("Ready to handle requests" in line for line in received), received
+    assert any('"GET /?command-line HTTP/1.1" 200' in line for line in received), received
 
 
 def test_script_mode_serves_the_instance_pipeline(new_buildout, servers):

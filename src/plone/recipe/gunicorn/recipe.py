@@ -84,6 +84,7 @@ class Recipe:
         set_by_part = {gsettings.setting_name(option) for option in user_options}
         self.settings = self._settings(
             gsettings, user_options, self._defaults(gsettings, set_by_part))
+        self.own_logs = self._own_logs()
         self.max_body = self._max_body()
         self.logs = self._logs()
         self._refuse_unsafe()
@@ -133,15 +134,51 @@ class Recipe:
                 "number of bytes (the instance's default is 1073741824, 1 GiB)")
         return int(value)
 
+    def _own_logs(self):
+        """gunicorn's ``errorlog`` and ``accesslog``, given to the part: the
+        files it writes instead of ``var/log/<part>.log`` and
+        ``-access.log`` (``-``: none; the event log is on stderr anyway, the
+        access log goes to stdout), as absolute paths: {setting: path}."""
+        own = {}
+        for setting in ("errorlog", "accesslog"):
+            if setting not in self.settings:
+                continue
+            path = self.settings[setting]
+            if path != "-":
+                path = os.path.join(self.buildout["buildout"]["directory"], path)
+                problem = _not_writable(path)
+                if problem:
+                    option = self._option_for(setting)
+                    raise zc.buildout.UserError(
+                        f"[{self.name}] {option} = {self.options[option].strip()!r}: "
+                        f"{problem}; name a file the server may write, or - for "
+                        + ("stderr" if setting == "errorlog" else "stdout"))
+                self.settings[setting] = path
+            own[setting] = path
+        self.eventlog = own.get("errorlog", self.eventlog)
+        self.accesslog = own.get("accesslog", self.accesslog)
+        return own
+
     def _logs(self):
         """The part's logging, with the handlers and levels of the instance's
         logs, as plone.recipe.zope2instance writes them into ``wsgi.ini``,
-        but into the part's own files (for ``render.logging_ini``)."""
+        but into the part's own files (for ``render.logging_ini``).  A file
+        the part names itself (``errorlog``, ``accesslog``) is written with
+        the part's handler, as gunicorn would write it."""
         event, access = self.instance.log("event"), self.instance.log("access")
+        if "errorlog" in self.own_logs:
+            event_handler = None if self.eventlog == "-" else _watched(self.eventlog)
+        else:
+            event_handler = None if event.disabled else self._handler("event", event, self.eventlog)
+        if "accesslog" in self.own_logs:
+            access_handler = (("StreamHandler", "(sys.stdout,)", "{}") if self.accesslog == "-"
+                              else _watched(self.accesslog))
+        else:
+            access_handler = self._handler("access", access, self.accesslog)
         return {
             "loglevel": self.settings["loglevel"],
-            "event": None if event.disabled else self._handler("event", event, self.eventlog),
-            "access": self._handler("access", access, self.accesslog),
+            "event": event_handler,
+            "access": access_handler,
             "access_level": "WARNING" if access.disabled else self._level("access", access).upper(),
         }
 
@@ -164,7 +201,7 @@ class Recipe:
                 "(the master and every worker) would rotate %s on its own, losing "
                 "lines; the part writes it with WatchedFileHandler.  Rotate it with "
                 "logrotate = true", self.instance.name, kind, log.handler, path)
-            return WATCHED, repr((path, "a")), "{}"
+            return _watched(path)
         handler = WATCHED if log.handler in ("", "FileHandler", "logging.FileHandler") else log.handler
         try:
             args = log.args.format(path) if log.args else repr((path, "a"))
@@ -306,6 +343,10 @@ class Recipe:
                 "server in the foreground, and a server that daemonizes looks to it as if "
                 "it had exited; set daemon = false (bin/<part>-instance start "
                 "daemonizes by itself)")
+        if logrotate and self.eventlog == self.accesslog == "-":
+            raise zc.buildout.UserError(
+                f"[{name}] logrotate = {options['logrotate'].strip()!r}: the part writes "
+                "no log file to rotate (errorlog and accesslog are -)")
         if logrotate and not self.settings.get("pidfile"):
             raise zc.buildout.UserError(
                 f"[{name}] logrotate = {options['logrotate'].strip()!r}: the rotation "
@@ -401,7 +442,10 @@ class Recipe:
         created_location = not os.path.isdir(self.location)
         try:
             os.makedirs(self.location, exist_ok=True)
-            os.makedirs(self.log_dir, exist_ok=True)
+            for path in (self.log_dir, *self.own_logs.values()):
+                if path != "-":
+                    os.makedirs(path if path == self.log_dir else os.path.dirname(path),
+                                exist_ok=True)
             for filename, text in rendered.items():
                 _write(os.path.join(self.location, filename), text)
             scripts = self._scripts(self.working_set)
@@ -451,6 +495,25 @@ class Recipe:
 def shared_database_workers():
     """The default workers on a shared database: one per core and one more."""
     return (os.cpu_count() or 1) + 1
+
+
+def _watched(path):
+    """``(class, args, kwargs)`` of the part's own handler for the file ``path``."""
+    return WATCHED, repr((path, "a")), "{}"
+
+
+def _not_writable(path):
+    """Why the server could not write the log file ``path``, or ''."""
+    if os.path.isdir(path):
+        return "a directory, not a file"
+    if os.path.exists(path):
+        return "" if os.access(path, os.W_OK) else "the file is not writable"
+    parent = os.path.dirname(path)
+    while not os.path.isdir(parent):
+        if os.path.exists(parent):
+            return f"{parent} is not a directory"
+        parent = os.path.dirname(parent)
+    return "" if os.access(parent, os.W_OK | os.X_OK) else f"{parent} is not writable"
 
 
 def _switch(part, options, option):

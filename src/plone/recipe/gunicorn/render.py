@@ -178,10 +178,11 @@ def listen_streams(binds, directory):
 
 
 def logrotate(context):
-    """``logrotate.conf``: the part's two logs, USR1 to the master if it runs."""
+    """``logrotate.conf``: the part's log files, USR1 to the master if it runs."""
     values = dict(
         context,
-        logs=" ".join(f'"{path}"' for path in (context["eventlog"], context["accesslog"])),
+        logs=" ".join(f'"{path}"' for path in (context["eventlog"], context["accesslog"])
+                      if path != "-"),
         pidfile=shlex.quote(context["pidfile"]),
         script_name=shlex.quote(os.path.basename(context["script_path"])),
         logrotate_file=os.path.join(context["location"], "logrotate.conf"),

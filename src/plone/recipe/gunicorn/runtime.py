@@ -22,6 +22,7 @@ import ast
 import configparser
 import ctypes
 import logging
+import logging.handlers
 import os
 import signal
 import socket
@@ -155,7 +156,29 @@ class Logger(glogging.Logger):
         level = self.LOG_LEVELS.get(cfg.loglevel.lower(), logging.INFO)
         if written_by_recipe(cfg.logconfig):
             logging.getLogger().setLevel(level)
+            self._log_where_settings_say(cfg)
         self.error_log.setLevel(level)
+
+    def _log_where_settings_say(self, cfg):
+        """gunicorn's ``errorlog``, ``accesslog`` and ``syslog``, on the command
+        line or in the part, applied to the recipe's logging configuration,
+        which gunicorn lets replace them: Zope's event log goes where
+        gunicorn's error log would, the access log (the translogger's in ini
+        mode) where gunicorn's would.  A reload (HUP) reads the
+        configuration anew, so nothing is added twice."""
+        root = logging.getLogger()
+        access = [logging.getLogger("wsgi"), self.access_log]
+        if cfg.errorlog != "-":  # "-", the default, is stderr: the console handler
+            _write_to("eventlog", cfg.errorlog, None, [root])
+            if cfg.capture_output:  # stderr is that file now
+                _write_to("console", None, None, [root])
+        if cfg.accesslog is not None:
+            _write_to("accesslog", cfg.accesslog, sys.stdout, access)
+        if cfg.syslog:
+            self._set_syslog_handler(root, cfg, self.syslog_fmt, "error")
+            if not cfg.disable_redirect_access_to_syslog:
+                for log in access:
+                    self._set_syslog_handler(log, cfg, self.syslog_fmt, "access")
 
     def access(self, resp, req, environ, request_time):
         if self.access_log.isEnabledFor(logging.INFO):
@@ -168,6 +191,29 @@ class StatsdLogger(Logger, Statsd):
     def access(self, resp, req, environ, request_time):
         # gunicorn's statsd logger counts requests where it logs them: always.
         Statsd.access(self, resp, req, environ, request_time)
+
+
+def _write_to(name, destination, stream, loggers):
+    """Have the handler ``name`` of the recipe's logging configuration write to
+    the file ``destination`` (``-``: to ``stream``; None: nowhere) for
+    ``loggers``, with its level and format."""
+    old = next((h for log in loggers for h in log.handlers if h.name == name), None)
+    if old is not None:
+        for log in loggers:
+            log.removeHandler(old)
+        old.close()
+    if destination is None:
+        return
+    new = (logging.StreamHandler(stream) if destination == "-"
+           else logging.handlers.WatchedFileHandler(destination))
+    new.name = name
+    # With the instance's event log disabled there is none: like the console.
+    model = old if old is not None else next((h for h in logging.getLogger().handlers if h.name == "console"), None)
+    if model is not None:
+        new.setLevel(model.level)
+        new.setFormatter(model.formatter)
+    for log in loggers:
+        log.addHandler(new)
 
 
 def written_by_recipe(logconfig):
@@ -188,6 +234,8 @@ def die_with_parent():
 
 def _log_hint(cfg):
     """Where a daemon's start-up errors end up: the recipe's event log, if any."""
+    if cfg.errorlog != "-":
+        return cfg.errorlog
     if cfg.logconfig:
         parser = configparser.ConfigParser(interpolation=None)
         parser.read(cfg.logconfig)
@@ -195,7 +243,7 @@ def _log_hint(cfg):
             return ast.literal_eval(parser["handler_eventlog"]["args"])[0]
         except (KeyError, ValueError, SyntaxError, TypeError, IndexError):
             pass
-    return cfg.errorlog if cfg.errorlog != "-" else "the server's log"
+    return "the server's log"
 
 
 class ZopeMaster(BaseApplication):
