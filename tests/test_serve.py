@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (ADMIN, REPO, free_port, lingering_clients, request, trickling_clients,
-                      wait_for_port, wait_until_serving)
+from conftest import (ADMIN, REPO, eventually, free_port, lingering_clients, request,
+                      trickling_clients, wait_for_port, wait_until_serving)
 
 
 @pytest.fixture(scope="module")
@@ -355,9 +355,13 @@ def test_header_check_counts_what_was_read_before():
 def test_bin_instance_pointed_at_the_ini_keeps_one_worker_on_a_filestorage(new_buildout, servers):
     """The same route on a FileStorage: the ini tells the fresh master that
     the database belongs to one process, so it refuses a second worker."""
-    buildout, address = instance_running_the_ini(new_buildout, "fsroute", "buildout.cfg")
+    # PasteDeploy reads the ini with interpolation: the %s of a format are escaped.
+    buildout, address = instance_running_the_ini(
+        new_buildout, "fsroute", "buildout.cfg", "[gunicorn]\naccess-log-format = %(s)s %(r)s\n")
     instance = servers([buildout.path("bin", "instance"), "console"], buildout.dir, name="instance")
     assert wait_until_serving(instance, address) == 200
+    access_log = buildout.path("var", "log", "gunicorn-access.log")
+    eventually(lambda: "200 GET / HTTP/1.1\n" in access_log.read_text(), 10, access_log.read_text)
     instance.signal(signal.SIGTTIN)  # the master: runwsgi's process, replaced by exec
     instance.wait_for_output(lambda out: "keeping 1" in out, timeout=15)
     assert wait_until_serving(instance, address) == 200

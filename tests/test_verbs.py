@@ -218,6 +218,9 @@ def test_loglevel_rules_the_recipes_logging_and_a_users_logconfig_keeps_its_leve
     output = serve("--log-config", str(user_logging))
     assert "MINE INFO gunicorn.error Booting worker" in output, output
     assert zope_info not in output, output
+    # A format gunicorn's access log would use; in ini mode the translogger writes.
+    unused = "access_log_format is not used: the pipeline's translogger writes"
+    assert (unused in serve("--access-logformat", "%(s)s")) == (part == "gunicorn"), part
 
 
 def test_debug_runs_one_worker_with_code_reload(verbs, servers):

@@ -389,6 +389,10 @@ class Recipe:
             raise zc.buildout.UserError(
                 f"[{self.name}] mode = script: part [{self.instance.name}] sets {option}, "
                 "whose filter takes settings that only an ini can give it; use mode = ini")
+        if self.mode == "script" or "access_log_format" in self.settings:
+            # gunicorn's access log takes the translogger's place: script mode
+            # has no ini for it, and a format of the part's is gunicorn's.
+            pipeline = [entry for entry in pipeline if entry != "translogger"]
         if "zope" not in pipeline:
             pipeline.append("zope")
         return pipeline

@@ -26,7 +26,7 @@ def template(name):
     return Template(files("plone.recipe.gunicorn").joinpath("templates", name).read_text())
 
 
-def logging_ini(logs, gunicorn_access_level):
+def logging_ini(logs, gunicorn_writes_access):
     """Logging shared by both modes: the Zope event log and gunicorn's messages
     on stderr and in ``var/log/<part>.log``, requests in
     ``var/log/<part>-access.log``, with the handlers and levels of the
@@ -35,7 +35,8 @@ def logging_ini(logs, gunicorn_access_level):
     ``event`` when the instance disables its event log).
 
     The default handler, WatchedFileHandler, reopens a file that logrotate
-    moved away.
+    moved away.  ``gunicorn_writes_access``: gunicorn's access log writes the
+    requests, else the pipeline's translogger does and gunicorn's is silent.
     """
     event = logs["event"]
     eventlog_section = "" if event is None else (
@@ -51,7 +52,7 @@ def logging_ini(logs, gunicorn_access_level):
         access_args=access_args,
         access_kwargs=access_kwargs,
         access_level=logs["access_level"],
-        gunicorn_access_level=gunicorn_access_level,
+        gunicorn_access_level=logs["access_level"] if gunicorn_writes_access else "WARNING",
     )
 
 
@@ -59,12 +60,16 @@ def ini_mode(context, server_settings, pipeline, filters=None):
     """``gunicorn.ini``: PasteDeploy ini with a gunicorn ``[server:main]``.
 
     Requests are logged by the pipeline's translogger, as the instance does,
-    so gunicorn's own access logger stays quiet.  ``filters`` are more filter
+    so gunicorn's own access logger stays quiet; without a translogger in
+    the pipeline (the part sets ``access-log-format``) gunicorn's logs them.
+    ``filters`` are more filter
     sections, ``{name: {key: value}}`` (the instance's sentry and profile).
     """
     lines = []
     for name, value in sorted(server_settings.items()):
-        text = gsettings.to_text(name, value)
+        # PasteDeploy reads the ini with interpolation (bin/instance can run
+        # it): a % of access_log_format's is written %%.
+        text = gsettings.to_text(name, value).replace("%", "%%")
         if "\n" in text:
             text = "\n" + "\n".join("    " + line for line in text.splitlines())
         lines.append(f"{name} = {text}")
@@ -75,7 +80,7 @@ def ini_mode(context, server_settings, pipeline, filters=None):
         filters="".join(
             f"[filter:{name}]\n" + "".join(f"{key} = {value}\n" for key, value in keys.items()) + "\n"
             for name, keys in (filters or {}).items()),
-        logging=logging_ini(context["logs"], "WARNING"),
+        logging=logging_ini(context["logs"], "translogger" not in pipeline),
     )
     # Catch a broken ini here rather than at start.
     configparser.ConfigParser(interpolation=None).read_string(ini)
@@ -85,8 +90,8 @@ def ini_mode(context, server_settings, pipeline, filters=None):
 def script_mode(context, server_settings, pipeline, user_config=None):
     """``gunicornapp.py``, ``gunicorn.conf.py`` and the ``logging.ini`` it names.
 
-    The application is the instance's pipeline, as in ini mode, but for the
-    translogger: gunicorn's access log takes its place here.
+    The application is the instance's pipeline, as in ini mode; the recipe
+    has taken its translogger out: gunicorn's access log takes its place here.
     """
     lines = [f"{name} = {pprint.pformat(value)}" for name, value in sorted(server_settings.items())]
     if user_config:
@@ -103,12 +108,12 @@ def script_mode(context, server_settings, pipeline, user_config=None):
         settings="\n".join(lines),
     )
     compile(conf, "gunicorn.conf.py", "exec")
-    filters = [entry for entry in pipeline if entry not in ("translogger", "zope")]
+    filters = [entry for entry in pipeline if entry != "zope"]
     app = template("gunicornapp.py").substitute(
         context, zope_conf=repr(context["zope_conf"]), filters=pprint.pformat(filters))
     compile(app, "gunicornapp.py", "exec")
     logging = (f"{GENERATED} for part [{context['part']}]; buildout rewrites it.\n\n"
-               + logging_ini(context["logs"], context["logs"]["access_level"]))
+               + logging_ini(context["logs"], True))
     return {"gunicorn.conf.py": conf, "gunicornapp.py": app, "logging.ini": logging}
 
 

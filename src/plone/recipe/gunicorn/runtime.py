@@ -145,7 +145,8 @@ class Logger(glogging.Logger):
     ``logconfig`` of the user's own keeps the levels it gives.
 
     In ini mode the pipeline's translogger writes the access log, as under
-    ``bin/instance``, and the configuration silences ``gunicorn.access``.
+    ``bin/instance``, and the configuration silences ``gunicorn.access``
+    (unless the part sets ``access_log_format``).
     gunicorn would still build every request's log fields (all headers and
     the environ) and then drop the message: a few per cent of a Zope
     request.  When that logger would drop the message, they are not built.
@@ -158,6 +159,11 @@ class Logger(glogging.Logger):
             logging.getLogger().setLevel(level)
             self._log_where_settings_say(cfg)
         self.error_log.setLevel(level)
+        if (cfg.access_log_format != cfg.settings["access_log_format"].default
+                and not self.access_log.isEnabledFor(logging.INFO)
+                and logging.getLogger("wsgi").isEnabledFor(logging.INFO)):
+            self.warning("access_log_format is not used: the pipeline's translogger writes "
+                         "the access log; give the buildout part access-log-format instead")
 
     def _log_where_settings_say(self, cfg):
         """gunicorn's ``errorlog``, ``accesslog`` and ``syslog``, on the command
@@ -405,8 +411,9 @@ class PasteApplication(PartConfig, ZopeDefaults, WSGIApplication, ZopeMaster):
 
 
 def server_settings(ini, section="server:main"):
-    """The gunicorn settings written in an ini's ``[server:main]``, converted."""
-    parser = configparser.ConfigParser(interpolation=None)
+    """The gunicorn settings written in an ini's ``[server:main]``, converted
+    (``%%`` is ``%``, as PasteDeploy reads it)."""
+    parser = configparser.ConfigParser()
     parser.read(ini)
     return {
         settings.setting_name(key): settings.convert(key, value)
