@@ -343,6 +343,9 @@ BROKEN = {
         "[gunicorn]\naccesslog = buildout.cfg/access.log",
         ["[gunicorn] accesslog = 'buildout.cfg/access.log'", "buildout.cfg is not a directory",
          "or - for stdout"]),
+    "access log empty": (
+        "[gunicorn]\naccesslog =",
+        ["[gunicorn] accesslog = '': no file named", "or - for stdout"]),
     "logrotate with no log file": (
         "[gunicorn]\nlogrotate = true\nerrorlog = -\naccesslog = -",
         ["[gunicorn] logrotate = 'true'", "no log file to rotate"]),

@@ -145,8 +145,10 @@ class Recipe:
                 continue
             path = self.settings[setting]
             if path != "-":
-                path = os.path.join(self.buildout["buildout"]["directory"], path)
-                problem = _not_writable(path)
+                problem = "no file named"
+                if path:
+                    path = os.path.join(self.buildout["buildout"]["directory"], path)
+                    problem = _not_writable(path)
                 if problem:
                     option = self._option_for(setting)
                     raise zc.buildout.UserError(
@@ -446,10 +448,9 @@ class Recipe:
         created_location = not os.path.isdir(self.location)
         try:
             os.makedirs(self.location, exist_ok=True)
-            for path in (self.log_dir, *self.own_logs.values()):
-                if path != "-":
-                    os.makedirs(path if path == self.log_dir else os.path.dirname(path),
-                                exist_ok=True)
+            for directory in {self.log_dir, *(os.path.dirname(path) for path in
+                                              self.own_logs.values() if path != "-")}:
+                os.makedirs(directory, exist_ok=True)
             for filename, text in rendered.items():
                 _write(os.path.join(self.location, filename), text)
             scripts = self._scripts(self.working_set)

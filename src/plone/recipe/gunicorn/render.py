@@ -62,8 +62,8 @@ def ini_mode(context, server_settings, pipeline, filters=None):
     Requests are logged by the pipeline's translogger, as the instance does,
     so gunicorn's own access logger stays quiet; without a translogger in
     the pipeline (the part sets ``access-log-format``) gunicorn's logs them.
-    ``filters`` are more filter
-    sections, ``{name: {key: value}}`` (the instance's sentry and profile).
+    ``filters`` are more filter sections, ``{name: {key: value}}`` (the
+    instance's sentry and profile).
     """
     lines = []
     for name, value in sorted(server_settings.items()):

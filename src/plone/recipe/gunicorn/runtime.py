@@ -202,8 +202,11 @@ class StatsdLogger(Logger, Statsd):
 def _write_to(name, destination, stream, loggers):
     """Have the handler ``name`` of the recipe's logging configuration write to
     the file ``destination`` (``-``: to ``stream``; None: nowhere) for
-    ``loggers``, with its level and format."""
+    ``loggers``, with its level and format.  A handler that writes there
+    already (the part named the file) is kept."""
     old = next((h for log in loggers for h in log.handlers if h.name == name), None)
+    if old is not None and destination is not None and _writes_to(old, destination, stream):
+        return
     if old is not None:
         for log in loggers:
             log.removeHandler(old)
@@ -214,12 +217,20 @@ def _write_to(name, destination, stream, loggers):
            else logging.handlers.WatchedFileHandler(destination))
     new.name = name
     # With the instance's event log disabled there is none: like the console.
-    model = old if old is not None else next((h for h in logging.getLogger().handlers if h.name == "console"), None)
+    model = old if old is not None else next(
+        (h for h in logging.getLogger().handlers if h.name == "console"), None)
     if model is not None:
         new.setLevel(model.level)
         new.setFormatter(model.formatter)
     for log in loggers:
         log.addHandler(new)
+
+
+def _writes_to(handler, destination, stream):
+    """Whether a logging handler writes to the file ``destination`` (``-``: ``stream``)."""
+    if destination == "-":
+        return getattr(handler, "stream", None) is stream
+    return getattr(handler, "baseFilename", None) == os.path.abspath(destination)
 
 
 def written_by_recipe(logconfig):
