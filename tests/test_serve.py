@@ -1,10 +1,13 @@
 """End to end: the repository's own buildouts, a real Zope, ZEO server and gunicorn."""
 
+import http.client
 import json
 import os
 import re
 import signal
 import socket
+import ssl
+import subprocess
 import textwrap
 import time
 import urllib.parse
@@ -93,6 +96,46 @@ def test_trickling_clients_hold_a_thread_for_seconds_only(filestorage, servers, 
     assert status == 200
     assert answered < 18  # about 10 s; gunicorn's: when they stop, 25 s after their first bytes
     assert len(closed) == 4 and max(closed) < silent + 15
+    assert server.stop() == 0
+
+
+def https_status(address, context, path="/"):
+    """The status of one HTTPS request, or None while nothing answers."""
+    host, _, port = address.rpartition(":")
+    conn = http.client.HTTPSConnection(host, int(port), context=context, timeout=30)
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    except ConnectionRefusedError:
+        return None
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("worker", ["ThreadWorker", "SyncWorker"])
+def test_tls_is_served_by_the_recipes_workers(filestorage, servers, tmp_path, worker):
+    # Both workers look at a request's first bytes before gunicorn reads them,
+    # to wait for its headers; over TLS these bytes are encrypted records.
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", key, "-out", cert], check=True, capture_output=True)
+    address = f"127.0.0.1:{free_port()}"
+    server = servers([filestorage.path("bin", "gunicorn-instance"), "--bind", address,
+                      "--certfile", cert, "--keyfile", key, "-k",
+                      f"plone.recipe.gunicorn.worker.{worker}",
+                      "--threads", 1 if worker == "SyncWorker" else 4],
+                     filestorage.dir, name=f"tls {worker}")
+    context = ssl.create_default_context(cafile=cert)
+    assert eventually(lambda: https_status(address, context), 90, server.output) == 200
+    assert f"plone.recipe.gunicorn.worker.{worker}" in server.output()
+    began = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        statuses = list(pool.map(lambda _: https_status(address, context), range(40)))
+    assert statuses == [200] * 40
+    assert time.monotonic() - began < 10  # no request waited for headers it could not see
     assert server.stop() == 0
 
 
