@@ -98,3 +98,22 @@ def test_misspelt_setting_suggests_the_closest_name():
 def test_text_form_reads_back_to_the_same_value(option, text):
     value = settings.convert(option, text)
     assert settings.convert(option, settings.to_text(settings.setting_name(option), value)) == value
+
+
+@pytest.mark.parametrize("name, value, result", [
+    ("pidfile", "var/z.pid", "/srv/site/var/z.pid"),
+    ("pidfile", "/run/z.pid", "/run/z.pid"),
+    ("config", "etc/gunicorn.conf.py", "/srv/site/etc/gunicorn.conf.py"),
+    ("control_socket", "var/z.ctl", "/srv/site/var/z.ctl"),
+    ("worker_tmp_dir", "tmp", "/srv/site/tmp"),
+    ("chdir", "parts", "/srv/site/parts"),
+    ("reload_extra_files", ["etc/*.zcml", "/etc/z"], ["/srv/site/etc/*.zcml", "/etc/z"]),
+    ("errorlog", "-", "-"),  # stderr, not a file
+    ("accesslog", "", ""),  # none named: the recipe says so
+    ("bind", ["127.0.0.1:8080", "unix:var/z.sock", "unix:/run/z.sock", "fd://3"],
+     ["127.0.0.1:8080", "unix:/srv/site/var/z.sock", "unix:/run/z.sock", "fd://3"]),
+    ("proc_name", "var/z", "var/z"),  # not a path
+    ("workers", 3, 3),
+])
+def test_relative_paths_are_taken_from_the_buildout_directory(name, value, result):
+    assert settings.absolute(name, value, "/srv/site") == result

@@ -238,6 +238,32 @@ def test_debug_runs_one_worker_with_code_reload(verbs, servers):
     assert server.stop() == 0
 
 
+def test_relative_paths_in_the_part_are_the_buildouts_wherever_it_starts(
+        new_buildout, servers, tmp_path):
+    buildout = new_buildout("relative", f"""
+        [buildout]
+        extends = {REPO}/buildout.cfg
+        [gunicorn]
+        bind = unix:var/zope.sock
+        pidfile = var/relative.pid
+    """)
+    buildout.run()
+    bin_script = buildout.path("bin", "gunicorn-instance")
+    server = servers([bin_script, "fg"], tmp_path, name="relative")  # started elsewhere
+    address = f"unix:{buildout.path('var', 'zope.sock')}"
+    assert wait_until_serving(server, address) == 200
+    assert buildout.path("var", "relative.pid").read_text().strip() == str(server.pid)
+
+    def verb(name):  # from a third directory
+        return subprocess.run([bin_script, name], cwd="/", capture_output=True, text=True,
+                              timeout=120, stdin=subprocess.DEVNULL)
+
+    status = verb("status")
+    assert status.returncode == 0 and f"listening on {address}" in status.stdout, status
+    assert verb("stop").returncode == 0
+    assert not server.running()
+
+
 @pytest.fixture(scope="module")
 def www(new_buildout):
     """A part whose name does not say gunicorn: its processes are told by the script name."""

@@ -82,8 +82,10 @@ class Recipe:
         self.accesslog = os.path.join(self.log_dir, f"{name}-access.log")
 
         set_by_part = {gsettings.setting_name(option) for option in user_options}
-        self.settings = self._settings(
-            gsettings, user_options, self._defaults(gsettings, set_by_part))
+        settings = self._settings(gsettings, user_options, self._defaults(gsettings, set_by_part))
+        # Relative paths are the buildout's, wherever the server is started.
+        self.settings = {setting: gsettings.absolute(setting, value, base["directory"])
+                         for setting, value in settings.items()}
         self.own_logs = self._own_logs()
         self.max_body = self._max_body()
         self.logs = self._logs()
@@ -138,24 +140,20 @@ class Recipe:
         """gunicorn's ``errorlog`` and ``accesslog``, given to the part: the
         files it writes instead of ``var/log/<part>.log`` and
         ``-access.log`` (``-``: none; the event log is on stderr anyway, the
-        access log goes to stdout), as absolute paths: {setting: path}."""
+        access log goes to stdout): {setting: path}."""
         own = {}
         for setting in ("errorlog", "accesslog"):
             if setting not in self.settings:
                 continue
             path = self.settings[setting]
             if path != "-":
-                problem = "no file named"
-                if path:
-                    path = os.path.join(self.buildout["buildout"]["directory"], path)
-                    problem = _not_writable(path)
+                problem = _not_writable(path) if path else "no file named"
                 if problem:
                     option = self._option_for(setting)
                     raise zc.buildout.UserError(
                         f"[{self.name}] {option} = {self.options[option].strip()!r}: "
                         f"{problem}; name a file the server may write, or - for "
                         + ("stderr" if setting == "errorlog" else "stdout"))
-                self.settings[setting] = path
             own[setting] = path
         self.eventlog = own.get("errorlog", self.eventlog)
         self.accesslog = own.get("accesslog", self.accesslog)
@@ -358,8 +356,7 @@ class Recipe:
         self.listen = []
         if socket:
             try:
-                self.listen = render.listen_streams(
-                    self.settings["bind"], self.buildout["buildout"]["directory"])
+                self.listen = render.listen_streams(self.settings["bind"])
             except ValueError as exc:
                 raise zc.buildout.UserError(
                     f"[{name}] systemd-socket = {options['systemd-socket'].strip()!r}: {exc}")

@@ -156,17 +156,17 @@ def systemd_unit(context, listen=(), user="", group="", ipv6_only=False):
     return result
 
 
-def listen_streams(binds, directory):
-    """systemd ``ListenStream=`` values for gunicorn binds.
+def listen_streams(binds):
+    """systemd ``ListenStream=`` values for gunicorn binds (a unix socket's
+    path is absolute: the recipe made it so).
 
     ValueError for a bind systemd cannot listen on: a host name (systemd takes
-    IP addresses) or an inherited ``fd://``.  A relative unix socket path is
-    taken from ``directory``, the service's working directory.
+    IP addresses) or an inherited ``fd://``.
     """
     streams = []
     for bind in binds:
         if bind.startswith("unix:"):
-            streams.append(os.path.join(directory, bind[len("unix:"):]))
+            streams.append(bind[len("unix:"):])
             continue
         if bind.startswith("fd://"):
             raise ValueError(f"bind {bind} is an inherited socket; systemd makes its "

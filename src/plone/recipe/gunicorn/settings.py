@@ -13,6 +13,7 @@ must not import zc.buildout.
 
 import difflib
 import ipaddress
+import os
 import re
 import socket
 
@@ -109,6 +110,23 @@ def convert(option, text):
     # A switch as gunicorn reads it ("false" is False); other values as
     # written, which the validators accepted.
     return setting.get() if setting.action in _FLAG_ACTIONS else value
+
+
+# Settings whose values are paths (by gunicorn's metavar), and chdir.
+_PATH_METAS = {"FILE", "FILES", "DIR", "PATH", "CONFIG"}
+
+
+def absolute(name, value, directory):
+    """A converted ``value`` of setting ``name`` with each relative path in it
+    taken from ``directory``: files the part names, a unix socket to bind."""
+    if name == "bind":
+        return [f"unix:{os.path.join(directory, address[5:])}" if address.startswith("unix:")
+                else address for address in value]
+    if name != "chdir" and known_settings()[name].meta not in _PATH_METAS:
+        return value
+    if isinstance(value, list):
+        return [os.path.join(directory, path) for path in value]
+    return os.path.join(directory, value) if value and value != "-" else value
 
 
 def worker_for(worker_class, threads):
