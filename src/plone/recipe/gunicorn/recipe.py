@@ -86,7 +86,7 @@ class Recipe:
         # Relative paths are the buildout's, wherever the server is started.
         self.settings = {setting: gsettings.absolute(setting, value, base["directory"])
                          for setting, value in settings.items()}
-        self.own_logs = self._own_logs()
+        self._own_logs()
         self.max_body = self._max_body()
         self.logs = self._logs()
         self._refuse_unsafe()
@@ -137,27 +137,23 @@ class Recipe:
         return int(value)
 
     def _own_logs(self):
-        """gunicorn's ``errorlog`` and ``accesslog``, given to the part: the
-        files it writes instead of ``var/log/<part>.log`` and
+        """gunicorn's ``errorlog`` and ``accesslog``, given to the part, are
+        the files it writes instead of ``var/log/<part>.log`` and
         ``-access.log`` (``-``: none; the event log is on stderr anyway, the
-        access log goes to stdout): {setting: path}."""
-        own = {}
+        access log goes to stdout)."""
         for setting in ("errorlog", "accesslog"):
-            if setting not in self.settings:
+            path = self.settings.get(setting, "-")
+            if path == "-":
                 continue
-            path = self.settings[setting]
-            if path != "-":
-                problem = _not_writable(path) if path else "no file named"
-                if problem:
-                    option = self._option_for(setting)
-                    raise zc.buildout.UserError(
-                        f"[{self.name}] {option} = {self.options[option].strip()!r}: "
-                        f"{problem}; name a file the server may write, or - for "
-                        + ("stderr" if setting == "errorlog" else "stdout"))
-            own[setting] = path
-        self.eventlog = own.get("errorlog", self.eventlog)
-        self.accesslog = own.get("accesslog", self.accesslog)
-        return own
+            problem = _not_writable(path) if path else "no file named"
+            if problem:
+                option = self._option_for(setting)
+                raise zc.buildout.UserError(
+                    f"[{self.name}] {option} = {self.options[option].strip()!r}: "
+                    f"{problem}; name a file the server may write, or - for "
+                    + ("stderr" if setting == "errorlog" else "stdout"))
+        self.eventlog = self.settings.get("errorlog", self.eventlog)
+        self.accesslog = self.settings.get("accesslog", self.accesslog)
 
     def _logs(self):
         """The part's logging, with the handlers and levels of the instance's
@@ -166,11 +162,11 @@ class Recipe:
         the part names itself (``errorlog``, ``accesslog``) is written with
         the part's handler, as gunicorn would write it."""
         event, access = self.instance.log("event"), self.instance.log("access")
-        if "errorlog" in self.own_logs:
+        if "errorlog" in self.settings:
             event_handler = None if self.eventlog == "-" else _watched(self.eventlog)
         else:
             event_handler = None if event.disabled else self._handler("event", event, self.eventlog)
-        if "accesslog" in self.own_logs:
+        if "accesslog" in self.settings:
             access_handler = (("StreamHandler", "(sys.stdout,)", "{}") if self.accesslog == "-"
                               else _watched(self.accesslog))
         else:
@@ -446,7 +442,7 @@ class Recipe:
         try:
             os.makedirs(self.location, exist_ok=True)
             for directory in {self.log_dir, *(os.path.dirname(path) for path in
-                                              self.own_logs.values() if path != "-")}:
+                                              (self.eventlog, self.accesslog) if path != "-")}:
                 os.makedirs(directory, exist_ok=True)
             for filename, text in rendered.items():
                 _write(os.path.join(self.location, filename), text)

@@ -32,7 +32,8 @@ def logging_ini(logs, gunicorn_writes_access):
     ``var/log/<part>-access.log``, with the handlers and levels of the
     instance's logs (``logs``: ``loglevel``, ``access_level`` and the
     ``event`` and ``access`` handlers, each ``(class, args, kwargs)``; no
-    ``event`` when the instance disables its event log).
+    ``event`` when the instance disables its event log or the part sets
+    ``errorlog = -``).
 
     The default handler, WatchedFileHandler, reopens a file that logrotate
     moved away.  ``gunicorn_writes_access``: gunicorn's access log writes the

@@ -177,7 +177,8 @@ class Logger(glogging.Logger):
         if cfg.errorlog != "-":  # "-", the default, is stderr: the console handler
             _write_to("eventlog", cfg.errorlog, None, [root])
             if cfg.capture_output:  # stderr is that file now
-                _write_to("console", None, None, [root])
+                for console in [h for h in root.handlers if h.name == "console"]:
+                    root.removeHandler(console)
         if cfg.accesslog is not None:
             _write_to("accesslog", cfg.accesslog, sys.stdout, access)
         if cfg.syslog:
@@ -201,18 +202,16 @@ class StatsdLogger(Logger, Statsd):
 
 def _write_to(name, destination, stream, loggers):
     """Have the handler ``name`` of the recipe's logging configuration write to
-    the file ``destination`` (``-``: to ``stream``; None: nowhere) for
-    ``loggers``, with its level and format.  A handler that writes there
-    already (the part named the file) is kept."""
+    the file ``destination`` (``-``: to ``stream``) for ``loggers``, with its
+    level and format.  A handler that writes there already (the part named
+    the file) is kept."""
     old = next((h for log in loggers for h in log.handlers if h.name == name), None)
-    if old is not None and destination is not None and _writes_to(old, destination, stream):
+    if old is not None and _writes_to(old, destination, stream):
         return
     if old is not None:
         for log in loggers:
             log.removeHandler(old)
         old.close()
-    if destination is None:
-        return
     new = (logging.StreamHandler(stream) if destination == "-"
            else logging.handlers.WatchedFileHandler(destination))
     new.name = name
