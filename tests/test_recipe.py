@@ -289,6 +289,11 @@ BROKEN = {
     "http-address out of range": ("[instance]\nhttp-address = 127.0.0.1:99999",
                                   ["[instance] http-address = '127.0.0.1:99999'", "1-65535",
                                    "(or give part [gunicorn] its own bind)"]),
+    "http-address on a host name that does not resolve": (
+        "[instance]\nhttp-address = no-such-host.invalid:8080",
+        ["[instance] http-address = 'no-such-host.invalid:8080'",
+         "the host name 'no-such-host.invalid' does not resolve here",
+         "write an IP address, like 127.0.0.1:8080", "(or give part [gunicorn] its own bind)"]),
     "malformed bind": ("[gunicorn]\nbind = localhost:",
                        ["[gunicorn] bind = 'localhost:'", "HOST:PORT"]),
     "bind to host star": ("[gunicorn]\nbind = *:8080",
@@ -454,10 +459,12 @@ def test_changing_http_address_moves_the_listening_address(new_buildout, servers
         [buildout]
         extends = {REPO}/buildout.cfg
     """)
-    p = [free_port() for _ in range(7)]  # each one free now, not merely neighbours
+    p = [free_port() for _ in range(8)]  # each one free now, not merely neighbours
     forms = [  # (http-address, addresses to try)
         (str(p[0]), [f"127.0.0.1:{p[0]}"]),
         (f"127.0.0.1:{p[1]}", [f"127.0.0.1:{p[1]}"]),
+        # a host name: every address it has (here localhost is 127.0.0.1 only)
+        (f"localhost:{p[7]}", [f"127.0.0.1:{p[7]}"]),
         (f"unix:{tmp_path}/zope.sock", [f"unix:{tmp_path}/zope.sock"]),
         (f"127.0.0.1:{p[2]} 127.0.0.1:{p[3]}", [f"127.0.0.1:{p[2]}", f"127.0.0.1:{p[3]}"]),
     ]

@@ -1,5 +1,7 @@
 """Text in, gunicorn settings out: the conversions the recipe and the runtime share."""
 
+import socket
+
 import pytest
 
 from plone.recipe.gunicorn import settings
@@ -8,7 +10,6 @@ from plone.recipe.gunicorn import settings
 @pytest.mark.parametrize("http_address, binds", [
     ("8080", ["0.0.0.0:8080"]),
     ("127.0.0.1:8080", ["127.0.0.1:8080"]),
-    ("localhost:8080", ["localhost:8080"]),
     ("[::1]:8080", ["[::1]:8080"]),
     ("unix:/run/zope/zope.sock", ["unix:/run/zope/zope.sock"]),
     ("127.0.0.1:8080 8081\n  [::1]:8082", ["127.0.0.1:8080", "0.0.0.0:8081", "[::1]:8082"]),
@@ -17,6 +18,24 @@ from plone.recipe.gunicorn import settings
 ])
 def test_bind_follows_the_instance_rules_for_http_address(http_address, binds):
     assert settings.bind_from_http_address(http_address) == binds
+
+
+def test_a_host_name_in_http_address_binds_every_address_it_has(monkeypatch):
+    # waitress listens on each address of a host name; gunicorn, given the
+    # name, on its first IPv4 one.  This machine's /etc/hosts gives localhost
+    # 127.0.0.1 only; the resolver is replaced to answer as Debian's does
+    # (::1 too), and with an address twice, as getaddrinfo may.  A name that
+    # does not resolve: test_recipe's BROKEN table, through buildout.
+    def getaddrinfo(host, port, family, kind, proto, flags):
+        assert (host, family, flags) == ("localhost", socket.AF_UNSPEC, socket.AI_PASSIVE)
+        return [(f, kind, proto, "", (ip, port, *extra)) for f, ip, *extra in [
+            (socket.AF_INET6, "::1", 0, 0), (socket.AF_INET, "127.0.0.1"),
+            (socket.AF_INET, "127.0.0.1")]]
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    assert settings.bind_from_http_address("localhost:8080 8081 127.0.0.1:8080") == [
+        "[::1]:8080", "127.0.0.1:8080", "0.0.0.0:8081"]
+    monkeypatch.setattr(settings, "has_ipv6", lambda: False)
+    assert settings.bind_from_http_address("localhost:8080") == ["127.0.0.1:8080"]
 
 
 @pytest.mark.parametrize("http_address, complaint", [

@@ -182,12 +182,14 @@ def bind_from_http_address(http_address):
     """gunicorn binds for a plone.recipe.zope2instance ``http-address``.
 
     The instance's rules: addresses are separated by white space, a bare port
-    means all IPv4 interfaces (``0.0.0.0:PORT``), ``host:port`` is kept.  Also
-    kept: ``[::1]:8080`` and ``unix:/path/to/socket``.  ``*:PORT``, which
-    gunicorn does not know, is what waitress makes of it under
-    ``bin/instance``: every interface of both families, ``0.0.0.0:PORT`` and,
+    means all IPv4 interfaces (``0.0.0.0:PORT``), ``ip:port`` is kept.  Also
+    kept: ``[::1]:8080`` and ``unix:/path/to/socket``.  Two forms gunicorn
+    reads otherwise become what waitress makes of them under ``bin/instance``:
+    ``*:PORT`` is every interface of both families, ``0.0.0.0:PORT`` and,
     where the host has IPv6, ``[::]:PORT`` (``ipv6_only`` lets the two share
-    the port).
+    the port); a host name is every address it resolves to now
+    (``localhost:8080``: ``127.0.0.1:8080`` and, where the host names it so,
+    ``[::1]:8080``), where gunicorn would listen on its first IPv4 address.
     """
     binds = []
     for address in http_address.split():
@@ -196,11 +198,13 @@ def bind_from_http_address(http_address):
         if address.startswith("*:"):
             _, port = _host_port(address)
             binds += [f"0.0.0.0:{port}"] + ([f"[::]:{port}"] if has_ipv6() else [])
+        elif _is_host_name(check_bind(address)):
+            binds += _resolve(*_host_port(address))
         else:
-            binds.append(check_bind(address))
+            binds.append(address)
     if not binds:
         raise ValueError("it names no address; give a port like 8080 or host:port")
-    return binds
+    return list(dict.fromkeys(binds))  # each once, as waitress listens
 
 
 def check_bind(address):
@@ -219,6 +223,38 @@ def check_bind(address):
             f"{address!r}: gunicorn does not know the host '*'; for every interface "
             f"write 0.0.0.0:{port} [::]:{port}")
     return address
+
+
+def _is_host_name(address):
+    """Whether a checked bind is ``HOST:PORT`` with a name, not an IP address."""
+    if address.startswith(("unix:", "fd://", "[")):
+        return False
+    try:
+        ipaddress.ip_address(_host_port(address)[0])
+    except ValueError:
+        return True
+    return False
+
+
+def _resolve(host, port):
+    """The binds for every address of the host name ``host``, as waitress
+    listens on each; ValueError when it has none."""
+    try:
+        found = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
+                                   socket.IPPROTO_TCP, socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ValueError(f"the host name {host!r} does not resolve here ({exc.strerror}); "
+                         f"write an IP address, like 127.0.0.1:{port}") from None
+    binds = []
+    for family, _, _, _, (ip, *_) in found:
+        if family == socket.AF_INET:
+            binds.append(f"{ip}:{port}")
+        elif family == socket.AF_INET6 and has_ipv6():
+            binds.append(f"[{ip}]:{port}")
+    if not binds:
+        raise ValueError(f"the host name {host!r} has no address this host can listen on; "
+                         f"write an IP address, like 127.0.0.1:{port}")
+    return binds
 
 
 def _host_port(address):
