@@ -6,7 +6,6 @@ files themselves are full of ``%(...)s`` and braces.
 """
 
 import configparser
-import ipaddress
 import os
 import pprint
 import re
@@ -172,13 +171,11 @@ def listen_streams(binds):
         if bind.startswith("fd://"):
             raise ValueError(f"bind {bind} is an inherited socket; systemd makes its "
                              "sockets from addresses: bind to HOST:PORT or unix:/path")
-        host, _, port = bind.rpartition(":")
-        try:
-            ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
+        if gsettings.is_host_name(bind):
+            port = bind.rpartition(":")[2]
             raise ValueError(
                 f"bind {bind}: systemd listens on IP addresses, not host names; "
-                f"write 127.0.0.1:{port}, [::1]:{port} or 0.0.0.0:{port}") from None
+                f"write 127.0.0.1:{port}, [::1]:{port} or 0.0.0.0:{port}")
         streams.append(bind)
     return streams
 

@@ -198,7 +198,7 @@ def bind_from_http_address(http_address):
         if address.startswith("*:"):
             _, port = _host_port(address)
             binds += [f"0.0.0.0:{port}"] + ([f"[::]:{port}"] if has_ipv6() else [])
-        elif _is_host_name(check_bind(address)):
+        elif is_host_name(check_bind(address)):
             binds += _resolve(*_host_port(address))
         else:
             binds.append(address)
@@ -225,12 +225,13 @@ def check_bind(address):
     return address
 
 
-def _is_host_name(address):
+def is_host_name(bind):
     """Whether a checked bind is ``HOST:PORT`` with a name, not an IP address."""
-    if address.startswith(("unix:", "fd://", "[")):
+    if bind.startswith(("unix:", "fd://", "[")):
         return False
+    host, _ = _host_port(bind)
     try:
-        ipaddress.ip_address(_host_port(address)[0])
+        ipaddress.ip_address(host)
     except ValueError:
         return True
     return False
