@@ -2,6 +2,7 @@
 
 import fcntl
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -74,10 +75,65 @@ def test_a_database_open_in_another_process_is_one_line(fs):
                                 stdin=subprocess.DEVNULL)
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
-    assert says in output.splitlines(), output  # gunicorn's own lines around it
+    assert logged_error(output, says), output  # gunicorn's own lines around it
     assert "Traceback" not in output, output
     assert "Reason: App failed to load." in output, output
     assert time.monotonic() - began < 60
+
+
+def logged_error(output, says):
+    """Whether the server's log lines (in its output too) include ``says`` as an error."""
+    return any(" ERROR " in line and line.endswith(f"] {says}") for line in output.splitlines())
+
+
+# root may write anywhere; without these capabilities it meets the mode bits
+# as any other user does (setpriv, from util-linux, is on every Debian).
+AS_ANY_USER = (["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+               if os.geteuid() == 0 else [])
+
+
+def start_as_any_user(buildout, *args):
+    result = subprocess.run([*AS_ANY_USER, str(buildout.path("bin", "gunicorn-instance")), *args],
+                            cwd=buildout.dir, capture_output=True, text=True, timeout=120,
+                            stdin=subprocess.DEVNULL)
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_a_database_directory_the_server_may_not_write_is_one_line(fs):
+    # Buildout ran as one user (root), the server runs as another (systemd-user,
+    # gunicorn's user): Zope cannot create its lock file in var/filestorage.
+    directory = fs.path("var", "filestorage")
+    directory.mkdir(parents=True, exist_ok=True)
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    says = (f"[Errno 13] Permission denied: '{directory / 'Data.fs.lock'}': the server "
+            f"runs as user {user}, who may not write there; give that user the directory "
+            "(chown), or start the server as its owner")
+    directory.chmod(0)
+    try:
+        status, output = start_as_any_user(fs, "check")
+        assert status != 0
+        assert output.splitlines() == [f"gunicorn-instance: the application does not load: {says}"]
+        status, output = start_as_any_user(fs)
+    finally:
+        directory.chmod(0o755)
+    assert status != 0, output
+    assert logged_error(output, says), output  # gunicorn's own lines around it
+    assert "Traceback" not in output, output
+    assert "Reason: App failed to load." in output, output
+
+
+def test_a_database_directory_gone_is_one_line(fs):
+    directory = fs.path("var", "filestorage")
+    directory.mkdir(parents=True, exist_ok=True)
+    away = directory.rename(directory.with_name("filestorage.away"))
+    try:
+        line = start_refused(fs, "check")
+    finally:
+        away.rename(directory)
+    assert line.startswith(
+        "gunicorn-instance: the application does not load: The directory named as part "
+        f"of the path {directory / 'Data.fs'} does not exist. (line "), line
+    assert line.endswith("zope.conf)"), line
 
 
 @pytest.mark.parametrize("worker, threads", [("SyncWorker", "1"), ("ThreadWorker", "4")])

@@ -136,7 +136,12 @@ def test_start_fails_when_no_worker_can_load_zope(verbs, cleanup):
         status, out = script(verbs, "gunicorn", "start")
     log = verbs.path("var", "log", "gunicorn.log")
     assert (status, out) == (1, f"gunicorn-instance: did not start; see {log}")
-    assert "no-such-directive" in log.read_text()
+    # The daemon has no terminal: the log says why, in one line.
+    zope_conf = verbs.path("parts", "instance", "etc", "zope.conf")
+    lines = log.read_text().splitlines()
+    assert any(" ERROR " in line and line.endswith(
+        f"] {zope_conf}: 'no-such-directive' is not a known key name") for line in lines), lines
+    assert "Traceback" not in log.read_text()
     assert not verbs.path("var", "gunicorn.pid").exists()  # the master stopped
 
 
@@ -166,10 +171,23 @@ def test_check_leaves_the_filestorage_index_valid(verbs):
 
 
 def test_check_reports_an_application_that_does_not_load(verbs):
+    # A mistake in zope.conf: ZConfig's message says it all.
     with broken_zope_conf(verbs):
         status, out = script(verbs, "gunicorn-script", "check")
+    zope_conf = verbs.path("parts", "instance", "etc", "zope.conf")
+    assert (status, out) == (1, "gunicorn-script-instance: the application does not load: "
+                                f"{zope_conf}: 'no-such-directive' is not a known key name")
+    # Code or ZCML that fails: the traceback says where.
+    site_zcml = verbs.path("parts", "instance", "etc", "site.zcml")
+    good = site_zcml.read_text()
+    site_zcml.write_text(good.replace(
+        "</configure>", '<include package="no.such.package" />\n</configure>'))
+    try:
+        status, out = script(verbs, "gunicorn-script", "check")
+    finally:
+        site_zcml.write_text(good)
     assert status == 1
-    assert "no-such-directive" in out
+    assert "Traceback" in out and "No module named 'no'" in out, out
     assert out.splitlines()[-1] == "gunicorn-script-instance: the application does not load (see above)"
 
 

@@ -27,6 +27,7 @@ directory) before Zope reads ``zope.conf``; so does ``make_zope_app``.
 import fcntl
 import io
 import os
+import pwd
 import tempfile
 from contextlib import contextmanager
 from tempfile import SpooledTemporaryFile
@@ -54,6 +55,7 @@ def make_zope_app(global_conf, zope_conf, max_request_body_size=None, **local_co
     """
     from gunicorn.errors import AppImportError
     from Zope2.Startup.run import make_wsgi_app
+    from ZConfig import ConfigurationError
     from zc.lockfile import LockError  # ZODB's, for its FileStorage and ZEO cache
 
     if os.environ.get("PLONE_RECIPE_GUNICORN_DEBUG"):  # bin/<part>-instance debug
@@ -64,13 +66,32 @@ def make_zope_app(global_conf, zope_conf, max_request_body_size=None, **local_co
         with startup_lock(zope_conf):
             application = make_wsgi_app(global_conf, zope_conf)
     except LockError as exc:
-        # gunicorn prints an AppImportError in one line, without a traceback,
-        # and stops the server.
+        # An AppImportError is said in one line, without a traceback, and
+        # stops the server (runtime.ZopeDefaults.load).
         raise AppImportError(
             f"{exc}: another process holds it (bin/instance, or another gunicorn "
             "part); stop it first") from None
+    except PermissionError as exc:  # var/ made by another user (root's buildout, say)
+        # The traceback stays in the log at loglevel debug.
+        raise AppImportError(
+            f"{exc}: the server runs as user {user_name()}, who may not write "
+            "there; give that user the directory (chown), or start the server "
+            "as its owner") from exc
+    except ConfigurationError as exc:  # zope.conf: unknown key, a directory gone
+        message = str(exc)  # ZConfig names the file and line where it knows them
+        if zope_conf not in message:
+            message = f"{zope_conf}: {message}"
+        raise AppImportError(message) from exc
     limit = None if max_request_body_size is None else int(max_request_body_size)
     return RewindableInput(application, limit)
+
+
+def user_name():
+    """The name of the user this process runs as (its number if it has none)."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
 
 
 class RewindableInput:

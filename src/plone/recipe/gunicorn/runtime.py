@@ -35,6 +35,7 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.app.pasterapp import has_logging_config
 from gunicorn.app.wsgiapp import WSGIApplication
 from gunicorn.arbiter import Arbiter
+from gunicorn.errors import AppImportError
 from gunicorn.instrument.statsd import Statsd
 
 from plone.recipe.gunicorn import control, preflight, render, settings
@@ -121,7 +122,18 @@ class ZopeDefaults:
         # (A master that gets TERM while its workers load, and then sees one
         # fail to boot, exits at once.)
         die_with_parent()
-        return super().load()
+        try:
+            return super().load()
+        except AppImportError as exc:  # a reason in one line (app.make_zope_app)
+            if not self.serving:
+                raise  # check says it in its own words
+            # gunicorn would print it on stderr only, which a daemon (the
+            # start verb) has closed: the log says why, then the worker exits
+            # as gunicorn's would, and the master stops ("App failed to load").
+            log = logging.getLogger("gunicorn.error")
+            log.error("%s", exc)
+            log.debug("Exception while loading the application", exc_info=True)
+            sys.exit(Arbiter.APP_LOAD_ERROR)
 
     def load_default_config(self):
         super().load_default_config()
@@ -271,8 +283,10 @@ class ZopeMaster(BaseApplication):
     """
 
     database = None  # a preflight.Database, as make_application was told
+    serving = False  # True in the master and its workers; False for check
 
     def run(self):
+        self.serving = True
         # gunicorn looks its IPv6 listener class up by this name when it binds
         # (at the start, after a HUP, and in workers with reuse_port).
         gunicorn_sock.TCP6Socket = TCP6Socket
