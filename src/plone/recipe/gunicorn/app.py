@@ -28,6 +28,7 @@ import fcntl
 import io
 import os
 import pwd
+import re
 import tempfile
 from contextlib import contextmanager
 from tempfile import SpooledTemporaryFile
@@ -57,6 +58,10 @@ def make_zope_app(global_conf, zope_conf, max_request_body_size=None, **local_co
     from Zope2.Startup.run import make_wsgi_app
     from ZConfig import ConfigurationError
     from zc.lockfile import LockError  # ZODB's, for its FileStorage and ZEO cache
+    try:
+        from ZEO.Exceptions import ClientDisconnected
+    except ImportError:  # no ZEO installed: no ZEO client either
+        ClientDisconnected = ()
 
     if os.environ.get("PLONE_RECIPE_GUNICORN_DEBUG"):  # bin/<part>-instance debug
         global_conf = {**global_conf, "debug_mode": "true"}
@@ -77,6 +82,11 @@ def make_zope_app(global_conf, zope_conf, max_request_body_size=None, **local_co
             f"{exc}: the server runs as user {user_name()}, who may not write "
             "there; give that user the directory (chown), or start the server "
             "as its owner") from exc
+    except ClientDisconnected as exc:  # ZEO's wait for its server (30 s) is over
+        raise AppImportError(
+            f"the ZEO server at {' '.join(zeo_servers(zope_conf)) or '?'} does not answer "
+            f"({exc}); start it (bin/zeoserver start), or correct the instance's "
+            "zeo-address") from exc
     except ConfigurationError as exc:  # zope.conf: unknown key, a directory gone
         message = str(exc)  # ZConfig names the file and line where it knows them
         if zope_conf not in message:
@@ -84,6 +94,14 @@ def make_zope_app(global_conf, zope_conf, max_request_body_size=None, **local_co
         raise AppImportError(message) from exc
     limit = None if max_request_body_size is None else int(max_request_body_size)
     return RewindableInput(application, limit)
+
+
+def zeo_servers(zope_conf):
+    """The ZEO server addresses ``zope_conf`` names (``server`` in ``<zeoclient>``)."""
+    with open(zope_conf) as conf:
+        clients = re.findall(r"<zeoclient>(.*?)</zeoclient>", conf.read(), re.S | re.I)
+    return [address for client in clients
+            for address in re.findall(r"^\s*server\s+(\S+)", client, re.M | re.I)]
 
 
 def user_name():

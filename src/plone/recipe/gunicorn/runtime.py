@@ -122,6 +122,12 @@ class ZopeDefaults:
         # (A master that gets TERM while its workers load, and then sees one
         # fail to boot, exits at once.)
         die_with_parent()
+        # Nor does TERM, gunicorn's graceful stop, wait for a worker that is
+        # still loading Zope: it serves no request yet.  The master sends it
+        # when it stops, and when it halts because another worker failed to
+        # boot; gunicorn's worker would finish its wait for the ZEO server
+        # (30 s) before it looked.  QUIT and INT end a worker at once anyway.
+        serving_handler = signal.signal(signal.SIGTERM, stop_loading)
         try:
             return super().load()
         except AppImportError as exc:  # a reason in one line (app.make_zope_app)
@@ -134,6 +140,8 @@ class ZopeDefaults:
             log.error("%s", exc)
             log.debug("Exception while loading the application", exc_info=True)
             sys.exit(Arbiter.APP_LOAD_ERROR)
+        finally:
+            signal.signal(signal.SIGTERM, serving_handler)
 
     def load_default_config(self):
         super().load_default_config()
@@ -251,6 +259,12 @@ def written_by_recipe(logconfig):
             return config.readline().startswith(render.GENERATED)
     except (OSError, TypeError, UnicodeDecodeError):  # TypeError: no logconfig
         return False
+
+
+def stop_loading(signum, frame):
+    """SIGTERM while Zope loads: unwind and exit (the start-up lock and any
+    transaction are released on the way), with nothing in flight to finish."""
+    raise SystemExit(0)
 
 
 def die_with_parent():
