@@ -268,6 +268,11 @@ def eventually(condition, timeout, why="", interval=0.1):
     return value
 
 
+def logged_error(output, says):
+    """Whether the server's log lines (in its output too) say ``says`` as an error."""
+    return any(" ERROR " in line and line.endswith(f"] {says}") for line in output.splitlines())
+
+
 def wait_until_serving(server, address, path="/", timeout=90):
     """Wait for the first answer from ``address``; fail with the server's output if none."""
     deadline = time.monotonic() + timeout

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (ADMIN, REPO, children, eventually, free_port, lingering_clients, request, running,
-                      trickling_clients, wait_for_port, wait_until_serving)
+from conftest import (ADMIN, REPO, children, eventually, free_port, lingering_clients, logged_error,
+                      request, running, trickling_clients, wait_for_port, wait_until_serving)
 
 LOADGEN = Path(__file__).with_name("loadgen.py")
 GRACEFUL_TIMEOUT = 10
@@ -336,7 +336,7 @@ def test_zeo_server_down_at_start_stops_after_zeos_wait_with_one_line(zeo):
     says = (f"the ZEO server at {zeo.zeo_address} does not answer (timed out waiting for "
             "connection); start it (bin/zeoserver start), or correct the instance's zeo-address")
     assert master.returncode != 0, output
-    assert any(" ERROR " in line and line.endswith(f"] {says}") for line in output.splitlines()), output
+    assert logged_error(output, says), output
     assert "Traceback" not in output, output
     assert "Reason: App failed to load." in output, output
     assert 30 <= took < 50, f"stopped after {took:.0f}s"  # not 30 s and then 60 more

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import REPO, free_port, wait_for_port, wait_until_serving
+from conftest import REPO, free_port, logged_error, wait_for_port, wait_until_serving
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +79,6 @@ def test_a_database_open_in_another_process_is_one_line(fs):
     assert "Traceback" not in output, output
     assert "Reason: App failed to load." in output, output
     assert time.monotonic() - began < 60
-
-
-def logged_error(output, says):
-    """Whether the server's log lines (in its output too) include ``says`` as an error."""
-    return any(" ERROR " in line and line.endswith(f"] {says}") for line in output.splitlines())
 
 
 # root may write anywhere; without these capabilities it meets the mode bits

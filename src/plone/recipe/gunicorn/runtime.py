@@ -122,6 +122,8 @@ class ZopeDefaults:
         # (A master that gets TERM while its workers load, and then sees one
         # fail to boot, exits at once.)
         die_with_parent()
+        if not self.serving:  # check, in the foreground, says what fails itself
+            return super().load()
         # Nor does TERM, gunicorn's graceful stop, wait for a worker that is
         # still loading Zope: it serves no request yet.  The master sends it
         # when it stops, and when it halts because another worker failed to
@@ -131,8 +133,6 @@ class ZopeDefaults:
         try:
             return super().load()
         except AppImportError as exc:  # a reason in one line (app.make_zope_app)
-            if not self.serving:
-                raise  # check says it in its own words
             # gunicorn would print it on stderr only, which a daemon (the
             # start verb) has closed: the log says why, then the worker exits
             # as gunicorn's would, and the master stops ("App failed to load").
