@@ -315,27 +315,22 @@ def test_zeo_restart_under_load_loses_no_acknowledged_write(site, zeo, figures):
     run(interpreter, "-c", FSTEST.format(path=str(zeo.path("var", "filestorage", "Data.fs"))))
 
 
-def test_zeo_server_down_at_start_stops_after_zeos_wait_with_one_line(zeo):
+def test_zeo_server_down_at_start_stops_after_zeos_wait_with_one_line(zeo, servers):
     # No ZEO server runs.  The workers start Zope one after the other, and
     # the first waits for the server as long as ZEO does (wait-timeout, 30 s).
     # When it gives up, the master stops the others at once, though they are
     # still loading and the graceful timeout is long.
     began = time.monotonic()
-    master = subprocess.Popen(
-        [str(zeo.path("bin", "gunicorn-instance")), "--workers", "3", "--graceful-timeout", "60"],
-        cwd=zeo.dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        output, _ = master.communicate(timeout=150)
-        took = time.monotonic() - began
-        # No worker outlives its master (the kernel kills them as it exits).
-        eventually(lambda: not group_alive(master.pid), 5, "workers left running")
-    finally:
-        if group_alive(master.pid):
-            os.killpg(master.pid, signal.SIGKILL)
+    master = servers([zeo.path("bin", "gunicorn-instance"), "--workers", "3",
+                      "--graceful-timeout", "60"], zeo.dir, name="no ZEO server")
+    status = master.proc.wait(timeout=150)
+    took = time.monotonic() - began
+    # No worker outlives its master (the kernel kills them as it exits).
+    eventually(lambda: not group_alive(master.pid), 5, "workers left running")
+    output = master.output()
     says = (f"the ZEO server at {zeo.zeo_address} does not answer (timed out waiting for "
             "connection); start it (bin/zeoserver start), or correct the instance's zeo-address")
-    assert master.returncode != 0, output
+    assert status != 0, output
     assert logged_error(output, says), output
     assert "Traceback" not in output, output
     assert "Reason: App failed to load." in output, output

@@ -28,13 +28,19 @@ def fs(new_buildout):
     return buildout
 
 
+def start(buildout, *args, script="gunicorn-instance", prefix=(), timeout=60):
+    """Run the script to its end; return (exit status, output)."""
+    result = subprocess.run([*prefix, str(buildout.path("bin", script)), *args],
+                            cwd=buildout.dir, capture_output=True, text=True, timeout=timeout,
+                            stdin=subprocess.DEVNULL)
+    return result.returncode, result.stdout + result.stderr
+
+
 def start_refused(buildout, *args, script="gunicorn-instance"):
     """Run the script expecting a refusal; return its one output line."""
-    result = subprocess.run([str(buildout.path("bin", script)), *args],
-                            cwd=buildout.dir, capture_output=True, text=True, timeout=60,
-                            stdin=subprocess.DEVNULL)
-    assert result.returncode != 0
-    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    status, output = start(buildout, *args, script=script)
+    assert status != 0
+    lines = [line for line in output.splitlines() if line.strip()]
     assert len(lines) == 1, lines
     return lines[0]
 
@@ -70,11 +76,8 @@ def test_a_database_open_in_another_process_is_one_line(fs):
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert start_refused(fs, "check") == f"gunicorn-instance: the application does not load: {says}"
         began = time.monotonic()
-        result = subprocess.run([str(fs.path("bin", "gunicorn-instance"))], cwd=fs.dir,
-                                capture_output=True, text=True, timeout=120,
-                                stdin=subprocess.DEVNULL)
-    output = result.stdout + result.stderr
-    assert result.returncode != 0, output
+        status, output = start(fs, timeout=120)
+    assert status != 0, output
     assert logged_error(output, says), output  # gunicorn's own lines around it
     assert "Traceback" not in output, output
     assert "Reason: App failed to load." in output, output
@@ -85,13 +88,6 @@ def test_a_database_open_in_another_process_is_one_line(fs):
 # as any other user does (setpriv, from util-linux, is on every Debian).
 AS_ANY_USER = (["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
                if os.geteuid() == 0 else [])
-
-
-def start_as_any_user(buildout, *args):
-    result = subprocess.run([*AS_ANY_USER, str(buildout.path("bin", "gunicorn-instance")), *args],
-                            cwd=buildout.dir, capture_output=True, text=True, timeout=120,
-                            stdin=subprocess.DEVNULL)
-    return result.returncode, result.stdout + result.stderr
 
 
 def test_a_database_directory_the_server_may_not_write_is_one_line(fs):
@@ -105,10 +101,10 @@ def test_a_database_directory_the_server_may_not_write_is_one_line(fs):
             "(chown), or start the server as its owner")
     directory.chmod(0)
     try:
-        status, output = start_as_any_user(fs, "check")
+        status, output = start(fs, "check", prefix=AS_ANY_USER, timeout=120)
         assert status != 0
         assert output.splitlines() == [f"gunicorn-instance: the application does not load: {says}"]
-        status, output = start_as_any_user(fs)
+        status, output = start(fs, prefix=AS_ANY_USER, timeout=120)
     finally:
         directory.chmod(0o755)
     assert status != 0, output
