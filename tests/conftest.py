@@ -34,18 +34,20 @@ def free_port():
 
 
 class Buildout:
-    """A buildout directory of a test; ``run`` is ``bin/buildout`` there."""
+    """A buildout directory of a test; ``run`` is ``bin/buildout`` there
+    (``script``: the buildout of another virtualenv)."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, script=BUILDOUT):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.script = script
 
     def write(self, text):
         (self.dir / "buildout.cfg").write_text(textwrap.dedent(text).lstrip())
 
     def run(self, *assignments, check=True):
         result = subprocess.run(
-            [str(BUILDOUT), "-N", "-c", "buildout.cfg",
+            [str(self.script), "-N", "-c", "buildout.cfg",
              f"buildout:eggs-directory={EGGS}", f"buildout:develop={REPO}",
              *assignments],
             cwd=self.dir, capture_output=True, text=True, timeout=900,

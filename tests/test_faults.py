@@ -7,19 +7,23 @@ a real ZEO server and a gunicorn master with two workers.
 
 import json
 import os
+import pwd
+import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 from pathlib import Path
 
 import pytest
 
-from conftest import (ADMIN, REPO, children, eventually, free_port, lingering_clients, logged_error,
-                      request, running, trickling_clients, wait_for_port, wait_until_serving)
+from conftest import (ADMIN, EGGS, REPO, Buildout, children, eventually, free_port,
+                      lingering_clients, logged_error, request, running, trickling_clients,
+                      wait_for_port, wait_until_serving)
 
 LOADGEN = Path(__file__).with_name("loadgen.py")
 GRACEFUL_TIMEOUT = 10
@@ -260,6 +264,123 @@ def test_usr1_reopens_logs_after_rotation(site, figures):
     figures(f"USR1 after rotation: {new_lines} of 20 requests in the new access log, "
             f"{rotated_lines} in the rotated one")
     assert (new_lines, rotated_lines) == (20, 0)
+
+
+def cannot_reopen(output, path):
+    """The lines saying that a process could not open ``path`` anew."""
+    return [line for line in output.splitlines()
+            if line.startswith(f"plone.recipe.gunicorn: cannot open the log file {path} anew")]
+
+
+def test_a_log_directory_gone_fails_no_request(site, figures):
+    # Python's WatchedFileHandler raises into the request that logs when it
+    # cannot open its file anew: every request's connection was dropped.
+    log_dir = site.buildout.path("var", "log")
+    moved = site.buildout.path("var", "log.moved")
+    log_dir.rename(moved)
+    try:
+        answers = [request(site.address, "/gone")[0] for _ in range(20)]
+    finally:
+        log_dir.mkdir()
+    output = site.gunicorn.output()
+    said = cannot_reopen(output, log_dir / "gunicorn-access.log")
+    figures(f"var/log gone: {answers.count(404)} of 20 requests answered; "
+            f"{len(said)} lines said so: {said[:1]}")
+    assert answers == [404] * 20
+    # Once per worker that served, and no traceback.
+    assert 1 <= len(said) <= 2 and all("anew (No such file or directory)" in line for line in said)
+    assert "Traceback" not in output and "Logging error" not in output
+    # Nothing was lost: the workers wrote on to the files they had open.
+    assert (moved / "gunicorn-access.log").read_text().count("/gone") == 20
+    # USR1, once there is a directory again, puts the lines there.
+    site.gunicorn.signal(signal.SIGUSR1)
+    access = log_dir / "gunicorn-access.log"
+    eventually(lambda: access.exists(), 10, "no new access log after USR1")
+    time.sleep(0.5)  # the workers handle USR1 too
+    for _ in range(10):
+        assert request(site.address, "/back")[0] == 404
+    eventually(lambda: access.read_text().count("/back") == 10, 5,
+               lambda: f"the new access log: {access.read_text()!r}")
+
+
+# A Python that every user may run: the workers of the next test run as
+# nobody, who cannot read a Python installed under /root (pyenv's, here).
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.fixture
+def nobodys_site():
+    """A FileStorage buildout that other users can read, from a virtualenv of
+    Debian's Python, whose gunicorn part runs its workers as nobody."""
+    for path in (EGGS, REPO):  # the eggs and the develop egg the workers import
+        assert path.stat().st_mode & 0o005 == 0o005, f"{path} is not readable by other users"
+    top = Path(tempfile.mkdtemp(prefix="gunicorn-nobody-"))
+    try:
+        top.chmod(0o755)
+        subprocess.run([SYSTEM_PYTHON, "-m", "venv", top / "venv"], check=True, timeout=120)
+        subprocess.run([top / "venv" / "bin" / "pip", "install", "--quiet", "-r",
+                        REPO / "requirements.txt"], check=True, timeout=300)
+        buildout = Buildout(top / "site", script=top / "venv" / "bin" / "buildout")
+        buildout.address = f"127.0.0.1:{free_port()}"
+        buildout.write(f"""
+            [buildout]
+            extends = {REPO}/buildout.cfg
+            [instance]
+            http-address = {buildout.address}
+            [gunicorn]
+            user = nobody
+            group = nogroup
+        """)
+        buildout.run()
+        # The database is nobody's to write, as the integrator makes it (the
+        # start-up error says so when it is not).
+        for name in ("filestorage", "blobstorage", "cache"):
+            subprocess.run(["chown", "-R", "nobody:nogroup", buildout.path("var", name)],
+                           check=True)
+        yield buildout
+    finally:
+        shutil.rmtree(top)
+
+
+def owner(path):
+    return pwd.getpwuid(path.stat().st_uid).pw_name
+
+
+def test_workers_run_as_another_user_log_across_rotation(nobodys_site, servers, figures):
+    site = nobodys_site
+    gunicorn = servers([site.path("bin", "gunicorn-instance")], site.dir, name="gunicorn")
+    assert wait_until_serving(gunicorn, site.address) == 200
+    [worker] = gunicorn.workers()
+    uids = next(line for line in Path(f"/proc/{worker}/status").read_text().splitlines()
+                if line.startswith("Uid:")).split()[1:]
+    assert uids == [str(pwd.getpwnam("nobody").pw_uid)] * 4
+    log_dir = site.path("var", "log")
+    event, access = log_dir / "gunicorn.log", log_dir / "gunicorn-access.log"
+    # The master (root) opened the logs; the worker must be able to reopen them.
+    assert (owner(event), owner(access)) == ("nobody", "nobody")
+    # logrotate (without create) moves them; the worker cannot create a file
+    # in root's var/log and writes on to the moved one until USR1.
+    event.rename(log_dir / "gunicorn.log.1")
+    access.rename(log_dir / "gunicorn-access.log.1")
+    answers = [request(site.address, "/rotating")[0] for _ in range(20)]
+    said = cannot_reopen(gunicorn.output(), access)
+    assert answers == [404] * 20
+    assert len(said) == 1 and "anew (Permission denied)" in said[0], said
+    gunicorn.signal(signal.SIGUSR1)
+    eventually(lambda: event.exists() and access.exists(), 10, "no new logs after USR1")
+    assert (owner(event), owner(access)) == ("nobody", "nobody")
+    time.sleep(0.5)  # the worker handles USR1 too
+    answers = [request(site.address, "/rotated")[0] for _ in range(20)]
+    assert answers == [404] * 20
+    eventually(lambda: access.read_text().count("/rotated") == 20, 5,
+               lambda: f"the new access log: {access.read_text()!r}")
+    rotated = (log_dir / "gunicorn-access.log.1").read_text()
+    figures(f"workers as nobody, logs rotated: 40 of 40 requests answered, "
+            f"{rotated.count('/rotating')} logged to the moved file before USR1, "
+            f"{access.read_text().count('/rotated')} to the new one after")
+    assert rotated.count("/rotating") == 20 and "/rotated" not in rotated
+    output = gunicorn.output()
+    assert "Traceback" not in output and "Logging error" not in output
 
 
 def test_usr2_starts_a_new_master_that_takes_over(site, figures):

@@ -531,7 +531,7 @@ def test_the_part_logs_with_the_instance_log_options(new_buildout, servers):
     assert ("part [instance] sets event-log-handler = logging.handlers.RotatingFileHandler"
             in result.stdout + result.stderr)
     ini = read_ini(buildout.path("parts", "gunicorn", "gunicorn.ini"))
-    assert ini["handler_eventlog"]["class"] == "logging.handlers.WatchedFileHandler"
+    assert ini["handler_eventlog"]["class"] == "plone.recipe.gunicorn.logfile.WatchedFileHandler"
     assert ini["server:main"]["loglevel"] == "warning"
 
     def serve():

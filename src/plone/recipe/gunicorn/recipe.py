@@ -33,9 +33,12 @@ RECIPE_OPTIONS = frozenset({
 })
 
 # The handler of the part's logs where the instance writes its own with
-# logging's FileHandler (its default): one that also reopens a file that
-# logrotate moved away.
-WATCHED = "logging.handlers.WatchedFileHandler"
+# logging's FileHandler (its default) or WatchedFileHandler: one that also
+# reopens a file that logrotate moved away, and never fails a request when it
+# cannot (plone.recipe.gunicorn.logfile).
+WATCHED = "plone.recipe.gunicorn.logfile.WatchedFileHandler"
+PLAIN = ("", "FileHandler", "logging.FileHandler",
+         "WatchedFileHandler", "handlers.WatchedFileHandler", "logging.handlers.WatchedFileHandler")
 # Handlers that rotate their file themselves, each process on its own: not
 # for a file that a master and its workers write (bin/instance is one process).
 ROTATING = ("RotatingFileHandler", "TimedRotatingFileHandler")
@@ -198,7 +201,7 @@ class Recipe:
                 "lines; the part writes it with WatchedFileHandler.  Rotate it with "
                 "logrotate = true", self.instance.name, kind, log.handler, path)
             return _watched(path)
-        handler = WATCHED if log.handler in ("", "FileHandler", "logging.FileHandler") else log.handler
+        handler = WATCHED if log.handler in PLAIN else log.handler
         try:
             args = log.args.format(path) if log.args else repr((path, "a"))
         except (IndexError, KeyError, ValueError):

@@ -20,9 +20,9 @@ line).
 
 import ast
 import configparser
+import contextlib
 import ctypes
 import logging
-import logging.handlers
 import os
 import signal
 import socket
@@ -38,7 +38,7 @@ from gunicorn.arbiter import Arbiter
 from gunicorn.errors import AppImportError
 from gunicorn.instrument.statsd import Statsd
 
-from plone.recipe.gunicorn import control, preflight, render, settings
+from plone.recipe.gunicorn import control, logfile, preflight, render, settings
 
 
 def main(mode, config, argv=None, shared_database=None, prog=None, zeo_client_client=None):
@@ -178,6 +178,7 @@ class Logger(glogging.Logger):
         if written_by_recipe(cfg.logconfig):
             logging.getLogger().setLevel(level)
             self._log_where_settings_say(cfg)
+        logfile.give_logs_to(cfg.uid, cfg.gid)  # gunicorn's user and group
         self.error_log.setLevel(level)
         if (cfg.access_log_format != cfg.settings["access_log_format"].default
                 and not self.access_log.isEnabledFor(logging.INFO)
@@ -211,6 +212,21 @@ class Logger(glogging.Logger):
         if self.access_log.isEnabledFor(logging.INFO):
             super().access(resp, req, environ, request_time)
 
+    def reopen_files(self):
+        """USR1, after a rotation: gunicorn's reopening, except that the
+        recipe's handlers open their files anew their own way, which cannot
+        fail (in a worker that runs as gunicorn's ``user``, the master may
+        not yet have given it the new file).  gunicorn's passes over a
+        handler without a stream: theirs is out of its sight meanwhile."""
+        ours = [h for h in logfile.file_handlers() if isinstance(h, logfile.WatchedFileHandler)]
+        with contextlib.ExitStack() as held:
+            for handler in ours:
+                held.enter_context(handler.lock)
+                handler.reopen()
+                held.callback(setattr, handler, "stream", handler.stream)
+                handler.stream = None
+            super().reopen_files()
+
 
 class StatsdLogger(Logger, Statsd):
     """The recipe's logger, sending gunicorn's statsd metrics (``statsd-host``)."""
@@ -233,7 +249,7 @@ def _write_to(name, destination, stream, loggers):
             log.removeHandler(old)
         old.close()
     new = (logging.StreamHandler(stream) if destination == "-"
-           else logging.handlers.WatchedFileHandler(destination))
+           else logfile.WatchedFileHandler(destination))
     new.name = name
     # With the instance's event log disabled there is none: like the console.
     model = old if old is not None else next(

@@ -1,0 +1,100 @@
+"""The part's log files: a handler that rotation cannot break.
+
+A master and its workers write the same files, ``var/log/<part>.log`` and
+``var/log/<part>-access.log``.  logrotate moves them away; each process then
+opens the file anew, by itself (the handler notices the move, as logging's
+``WatchedFileHandler`` does) or when ``USR1`` says so.  Two things can make
+that open fail in a worker: the workers run as gunicorn's ``user``, to whom
+the master (root) gave no file, or the directory is gone.  Python's handler
+then raises into the request that logs (its connection is dropped, and so is
+every later one's) or into the signal handler.  This one writes on to the
+file it had open and says so once on stderr; the next line tries again.
+
+A master that runs as root and starts its workers as another ``user`` or
+``group`` gives them every log file it opens (gunicorn does so for its own
+``errorlog`` and ``accesslog`` once, at the start), also the files it opens
+anew after a rotation: ``give_logs_to``.
+"""
+
+import logging
+import logging.handlers
+import os
+import sys
+
+
+class WatchedFileHandler(logging.handlers.WatchedFileHandler):
+    """logging's ``WatchedFileHandler``, whose reopening never fails a caller."""
+
+    owner = None  # (uid, gid) the master gives the files it opens; see give_logs_to
+    failed = None  # the error that kept the file from being opened anew, once said
+
+    def emit(self, record):
+        self.reopenIfNeeded()
+        if self.stream is None:  # opened lazily (delay), or closed
+            self.reopen()
+        if self.stream is not None:
+            logging.StreamHandler.emit(self, record)
+
+    def reopenIfNeeded(self):
+        try:
+            now = os.stat(self.baseFilename)
+        except OSError:
+            now = None
+        if now is None or (now.st_dev, now.st_ino) != (self.dev, self.ino):
+            self.reopen()
+
+    def reopen(self):
+        """Open the file anew and write there; if it cannot be opened, keep
+        writing to the file open until now and say so, once per error."""
+        try:
+            stream = self._open()
+        except OSError as exc:
+            if str(exc) != self.failed:
+                self.failed = str(exc)
+                sys.stderr.write(
+                    f"plone.recipe.gunicorn: cannot open the log file {self.baseFilename} "
+                    f"anew ({exc.strerror}); process {os.getpid()} writes on to the file it "
+                    "had open\n")
+                sys.stderr.flush()
+            return
+        self.failed = None
+        old, self.stream = self.stream, stream
+        self._statstream()
+        if self.owner is not None:
+            _give(stream.fileno(), self.owner)
+        if old is not None:
+            old.flush()
+            old.close()
+
+
+def give_logs_to(uid, gid):
+    """In the master: let workers that run as ``uid``/``gid`` reopen every log
+    file, now and after each rotation.  Only root gives files away; a master
+    that runs as the workers' user has nothing to give."""
+    if os.geteuid() != 0 or (uid, gid) == (os.geteuid(), os.getegid()):
+        WatchedFileHandler.owner = None
+        return
+    WatchedFileHandler.owner = (uid, gid)
+    for handler in file_handlers():
+        if handler.stream is not None:
+            _give(handler.stream.fileno(), (uid, gid))
+
+
+def file_handlers():
+    """Every handler that writes a file, of every logger."""
+    loggers = [logging.getLogger()] + [
+        log for log in logging.Logger.manager.loggerDict.values()
+        if isinstance(log, logging.Logger)]
+    seen = []
+    for log in loggers:
+        for handler in log.handlers:
+            if isinstance(handler, logging.FileHandler) and handler not in seen:
+                seen.append(handler)
+    return seen
+
+
+def _give(fd, owner):
+    try:
+        os.fchown(fd, *owner)
+    except OSError:  # a file that is not ours to give (/dev/null, a root-owned path)
+        pass
