@@ -308,7 +308,7 @@ def test_a_log_directory_gone_fails_no_request(site, figures):
 SYSTEM_PYTHON = "/usr/bin/python3"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def nobodys_site():
     """A FileStorage buildout that other users can read, from a virtualenv of
     Debian's Python, whose gunicorn part runs its workers as nobody."""
@@ -381,6 +381,35 @@ def test_workers_run_as_another_user_log_across_rotation(nobodys_site, servers, 
     assert rotated.count("/rotating") == 20 and "/rotated" not in rotated
     output = gunicorn.output()
     assert "Traceback" not in output and "Logging error" not in output
+
+
+def test_check_loads_zope_as_the_workers_user(nobodys_site):
+    # check, run by root, used to load Zope as root: it said OK where the
+    # workers could not open the database, and the Data.fs it created was
+    # root's, which no worker could open afterwards.
+    site = nobodys_site
+    storage = site.path("var", "filestorage")
+    for path in storage.iterdir():
+        path.unlink()
+    check = [site.path("bin", "gunicorn-instance"), "check"]
+    result = subprocess.run(check, cwd=site.dir, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "configuration and application OK, as user nobody: 1 workers" in result.stdout
+    assert {owner(path) for path in storage.iterdir()} == {"nobody"}
+    # A directory the workers may not write: check says so, as they would.
+    for path in storage.iterdir():
+        path.unlink()
+    shutil.chown(storage, "root", "root")
+    try:
+        result = subprocess.run(check, cwd=site.dir, capture_output=True, text=True, timeout=120)
+    finally:
+        shutil.chown(storage, "nobody", "nogroup")
+    assert result.returncode != 0
+    assert result.stderr.splitlines() == [
+        f"gunicorn-instance: the application does not load: [Errno 13] Permission denied: "
+        f"'{storage / 'Data.fs.lock'}': the server runs as user nobody, who may not write "
+        "there; give that user the directory and its files (chown -R), or start the server "
+        "as its owner"], result.stderr
 
 
 def test_usr2_starts_a_new_master_that_takes_over(site, figures):

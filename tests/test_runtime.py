@@ -98,7 +98,7 @@ def test_a_database_directory_the_server_may_not_write_is_one_line(fs):
     user = pwd.getpwuid(os.geteuid()).pw_name
     says = (f"[Errno 13] Permission denied: '{directory / 'Data.fs.lock'}': the server "
             f"runs as user {user}, who may not write there; give that user the directory "
-            "(chown), or start the server as its owner")
+            "and its files (chown -R), or start the server as its owner")
     directory.chmod(0)
     try:
         status, output = start(fs, "check", prefix=AS_ANY_USER, timeout=120)

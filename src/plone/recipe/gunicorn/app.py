@@ -80,8 +80,8 @@ def make_zope_app(global_conf, zope_conf, max_request_body_size=None, **local_co
         # The traceback stays in the log at loglevel debug.
         raise AppImportError(
             f"{exc}: the server runs as user {user_name()}, who may not write "
-            "there; give that user the directory (chown), or start the server "
-            "as its owner") from exc
+            "there; give that user the directory and its files (chown -R), or "
+            "start the server as its owner") from exc
     except ClientDisconnected as exc:  # ZEO's wait for its server (30 s) is over
         raise AppImportError(
             f"the ZEO server at {' '.join(zeo_servers(zope_conf)) or '?'} does not answer "

@@ -16,12 +16,14 @@ file left, 3 not running; ``reload`` 7 when not running; 1 for a failure.
 
 import errno
 import os
+import pwd
 import signal
 import socket
 import sys
 import time
 import traceback
 
+from gunicorn import util
 from gunicorn.errors import AppImportError
 
 VERBS = ("fg", "start", "stop", "restart", "reload", "status", "check", "debug")
@@ -185,8 +187,18 @@ def _answers(address, timeout=5):
 
 
 def check(application, prog):
-    """Load the application as a worker would, without serving; report in one line."""
+    """Load the application as a worker would, without serving; report in one line.
+
+    Started as root for workers that run as gunicorn's ``user`` and
+    ``group``, it loads the application as they do, as that user: what the
+    workers may not open fails here too, and a database it creates is theirs
+    (as root's, no worker could open it).
+    """
     cfg = application.cfg
+    as_user = ""
+    if os.geteuid() == 0 and (cfg.uid, cfg.gid) != (0, 0):
+        util.set_owner_process(cfg.uid, cfg.gid, initgroups=cfg.initgroups)
+        as_user = f", as user {pwd.getpwuid(cfg.uid).pw_name}"
     for path in (cfg.pythonpath or "").split(","):
         if path and os.path.abspath(path) not in sys.path:
             sys.path.insert(0, os.path.abspath(path))
@@ -205,6 +217,6 @@ def check(application, prog):
         database = getattr(sys.modules.get("Zope2"), "DB", None)
         if database is not None:
             database.close()
-    print(f"{prog}: configuration and application OK: {cfg.workers} workers "
+    print(f"{prog}: configuration and application OK{as_user}: {cfg.workers} workers "
           f"({cfg.worker_class_str}, {cfg.threads} threads), binds {' '.join(cfg.bind)}")
     return OK
