@@ -196,7 +196,7 @@ def check(application, prog):
     """
     cfg = application.cfg
     as_user = ""
-    if os.geteuid() == 0 and (cfg.uid, cfg.gid) != (0, 0):
+    if os.geteuid() == 0 and (cfg.uid, cfg.gid) != (os.geteuid(), os.getegid()):
         util.set_owner_process(cfg.uid, cfg.gid, initgroups=cfg.initgroups)
         as_user = f", as user {pwd.getpwuid(cfg.uid).pw_name}"
     for path in (cfg.pythonpath or "").split(","):

@@ -51,10 +51,11 @@ class WatchedFileHandler(logging.handlers.WatchedFileHandler):
         except OSError as exc:
             if str(exc) != self.failed:
                 self.failed = str(exc)
+                meanwhile = ("writes on to the file it had open" if self.stream is not None
+                             else "drops its lines")
                 sys.stderr.write(
                     f"plone.recipe.gunicorn: cannot open the log file {self.baseFilename} "
-                    f"anew ({exc.strerror}); process {os.getpid()} writes on to the file it "
-                    "had open\n")
+                    f"anew ({exc.strerror}); process {os.getpid()} {meanwhile}\n")
                 sys.stderr.flush()
             return
         self.failed = None
@@ -81,7 +82,8 @@ def give_logs_to(uid, gid):
 
 
 def file_handlers():
-    """Every handler that writes a file, of every logger."""
+    """Every handler that writes a file, of every logger (gunicorn's
+    ``glogging.loggers()`` leaves out the root logger, the event log's)."""
     loggers = [logging.getLogger()] + [
         log for log in logging.Logger.manager.loggerDict.values()
         if isinstance(log, logging.Logger)]

@@ -216,8 +216,9 @@ class Logger(glogging.Logger):
         """USR1, after a rotation: gunicorn's reopening, except that the
         recipe's handlers open their files anew their own way, which cannot
         fail (in a worker that runs as gunicorn's ``user``, the master may
-        not yet have given it the new file).  gunicorn's passes over a
-        handler without a stream: theirs is out of its sight meanwhile."""
+        not yet have given it the new file).  gunicorn's reopening passes
+        over a handler without a stream: the recipe's handlers hide theirs
+        from it meanwhile."""
         ours = [h for h in logfile.file_handlers() if isinstance(h, logfile.WatchedFileHandler)]
         with contextlib.ExitStack() as held:
             for handler in ours:
