@@ -259,6 +259,15 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(self.socket_path)
 
 
+def run_script(buildout, *args, script="gunicorn-instance", prefix=(), timeout=60):
+    """Run a script of the buildout (``bin/gunicorn-instance check``, say) to
+    its end; return (exit status, output)."""
+    result = subprocess.run([*prefix, str(buildout.path("bin", script)), *args],
+                            cwd=buildout.dir, capture_output=True, text=True, timeout=timeout,
+                            stdin=subprocess.DEVNULL)
+    return result.returncode, result.stdout + result.stderr
+
+
 def eventually(condition, timeout, why="", interval=0.1):
     """Wait until ``condition()`` is true and return it; after ``timeout``
     seconds fail, saying ``why`` (a text, or a function giving one)."""

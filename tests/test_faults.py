@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from conftest import (ADMIN, EGGS, REPO, Buildout, children, eventually, free_port,
-                      lingering_clients, logged_error, request, running, trickling_clients,
-                      wait_for_port, wait_until_serving)
+                      lingering_clients, logged_error, request, run_script, running,
+                      trickling_clients, wait_for_port, wait_until_serving)
 
 LOADGEN = Path(__file__).with_name("loadgen.py")
 GRACEFUL_TIMEOUT = 10
@@ -391,25 +391,24 @@ def test_check_loads_zope_as_the_workers_user(nobodys_site):
     storage = site.path("var", "filestorage")
     for path in storage.iterdir():
         path.unlink()
-    check = [site.path("bin", "gunicorn-instance"), "check"]
-    result = subprocess.run(check, cwd=site.dir, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "configuration and application OK, as user nobody: 1 workers" in result.stdout
+    status, output = run_script(site, "check", timeout=120)
+    assert status == 0, output
+    assert "configuration and application OK, as user nobody: 1 workers" in output
     assert {owner(path) for path in storage.iterdir()} == {"nobody"}
     # A directory the workers may not write: check says so, as they would.
     for path in storage.iterdir():
         path.unlink()
     shutil.chown(storage, "root", "root")
     try:
-        result = subprocess.run(check, cwd=site.dir, capture_output=True, text=True, timeout=120)
+        status, output = run_script(site, "check", timeout=120)
     finally:
         shutil.chown(storage, "nobody", "nogroup")
-    assert result.returncode != 0
-    assert result.stderr.splitlines() == [
+    assert status != 0
+    assert output.splitlines() == [
         f"gunicorn-instance: the application does not load: [Errno 13] Permission denied: "
         f"'{storage / 'Data.fs.lock'}': the server runs as user nobody, who may not write "
         "there; give that user the directory and its files (chown -R), or start the server "
-        "as its owner"], result.stderr
+        "as its owner"], output
 
 
 def test_usr2_starts_a_new_master_that_takes_over(site, figures):

@@ -5,13 +5,12 @@ import os
 import pwd
 import signal
 import socket
-import subprocess
 import threading
 import time
 
 import pytest
 
-from conftest import REPO, free_port, logged_error, wait_for_port, wait_until_serving
+from conftest import REPO, free_port, logged_error, run_script, wait_for_port, wait_until_serving
 
 
 @pytest.fixture(scope="module")
@@ -28,17 +27,9 @@ def fs(new_buildout):
     return buildout
 
 
-def start(buildout, *args, script="gunicorn-instance", prefix=(), timeout=60):
-    """Run the script to its end; return (exit status, output)."""
-    result = subprocess.run([*prefix, str(buildout.path("bin", script)), *args],
-                            cwd=buildout.dir, capture_output=True, text=True, timeout=timeout,
-                            stdin=subprocess.DEVNULL)
-    return result.returncode, result.stdout + result.stderr
-
-
 def start_refused(buildout, *args, script="gunicorn-instance"):
     """Run the script expecting a refusal; return its one output line."""
-    status, output = start(buildout, *args, script=script)
+    status, output = run_script(buildout, *args, script=script)
     assert status != 0
     lines = [line for line in output.splitlines() if line.strip()]
     assert len(lines) == 1, lines
@@ -76,7 +67,7 @@ def test_a_database_open_in_another_process_is_one_line(fs):
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert start_refused(fs, "check") == f"gunicorn-instance: the application does not load: {says}"
         began = time.monotonic()
-        status, output = start(fs, timeout=120)
+        status, output = run_script(fs, timeout=120)
     assert status != 0, output
     assert logged_error(output, says), output  # gunicorn's own lines around it
     assert "Traceback" not in output, output
@@ -101,10 +92,10 @@ def test_a_database_directory_the_server_may_not_write_is_one_line(fs):
             "and its files (chown -R), or start the server as its owner")
     directory.chmod(0)
     try:
-        status, output = start(fs, "check", prefix=AS_ANY_USER, timeout=120)
+        status, output = run_script(fs, "check", prefix=AS_ANY_USER, timeout=120)
         assert status != 0
         assert output.splitlines() == [f"gunicorn-instance: the application does not load: {says}"]
-        status, output = start(fs, prefix=AS_ANY_USER, timeout=120)
+        status, output = run_script(fs, prefix=AS_ANY_USER, timeout=120)
     finally:
         directory.chmod(0o755)
     assert status != 0, output
