@@ -131,6 +131,16 @@ def test_text_form_reads_back_to_the_same_value(option, text):
     ("accesslog", "", ""),  # none named: the recipe says so
     ("bind", ["127.0.0.1:8080", "unix:var/z.sock", "unix:/run/z.sock", "fd://3"],
      ["127.0.0.1:8080", "unix:/srv/site/var/z.sock", "unix:/run/z.sock", "fd://3"]),
+    # gunicorn reads unix://PATH as unix:PATH: relative after the two slashes
+    ("bind", ["unix://var/z.sock", "unix:///run/z.sock"],
+     ["unix:/srv/site/var/z.sock", "unix:/run/z.sock"]),
+    ("statsd_host", "unix:var/statsd.sock", "unix:/srv/site/var/statsd.sock"),
+    ("statsd_host", "unix://var/statsd.sock", "unix:/srv/site/var/statsd.sock"),
+    ("statsd_host", "unix:8125", "unix:8125"),  # gunicorn: host "unix", port 8125
+    ("statsd_host", "localhost:8125", "localhost:8125"),
+    ("syslog_addr", "unix://var/log.sock#dgram", "unix:///srv/site/var/log.sock#dgram"),
+    ("syslog_addr", "unix:///dev/log", "unix:///dev/log"),
+    ("syslog_addr", "udp://localhost:514", "udp://localhost:514"),
     ("proc_name", "var/z", "var/z"),  # not a path
     ("workers", 3, 3),
 ])

@@ -4,6 +4,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 
@@ -263,12 +264,26 @@ def test_relative_paths_in_the_part_are_the_buildouts_wherever_it_starts(
         [gunicorn]
         bind = unix:var/zope.sock
         pidfile = var/relative.pid
+        statsd-host = unix:var/statsd.sock
+        syslog = true
+        syslog-addr = unix://var/syslog.sock#dgram
     """)
     buildout.run()
     bin_script = buildout.path("bin", "gunicorn-instance")
-    server = servers([bin_script, "fg"], tmp_path, name="relative")  # started elsewhere
-    address = f"unix:{buildout.path('var', 'zope.sock')}"
-    assert wait_until_serving(server, address) == 200
+    with contextlib.ExitStack() as listeners:  # statsd's and syslog's, in the buildout's var
+        statsd = listeners.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
+        syslog = listeners.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
+        statsd.bind(str(buildout.path("var", "statsd.sock")))
+        syslog.bind(str(buildout.path("var", "syslog.sock")))
+        server = servers([bin_script, "fg"], tmp_path, name="relative")  # started elsewhere
+        address = f"unix:{buildout.path('var', 'zope.sock')}"
+        assert wait_until_serving(server, address) == 200
+        for listener, awaited in ((statsd, b"gunicorn.request.status.200:1|c"),
+                                  (syslog, b"Listening at: " + address.encode())):
+            listener.settimeout(10)
+            received = b""
+            while awaited not in received:
+                received += listener.recv(4096) + b"\n"  # a timeout fails the test
     assert buildout.path("var", "relative.pid").read_text().strip() == str(server.pid)
 
     def verb(name):  # from a third directory

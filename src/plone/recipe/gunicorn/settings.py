@@ -115,18 +115,41 @@ def convert(option, text):
 # Settings whose values are paths (by gunicorn's metavar), and chdir.
 _PATH_METAS = {"FILE", "FILES", "DIR", "PATH", "CONFIG"}
 
+# A unix socket's address as gunicorn reads it: for bind and statsd_host
+# "unix:PATH" or "unix://PATH" (util.parse_address), for syslog_addr
+# "unix://PATH", with "#dgram" or "#stream" after it (parse_syslog_address).
+# "unix:8125" in statsd_host is a host named unix (validate_statsd_address).
+_UNIX_ADDRESS = {
+    "bind": re.compile(r"unix:(//)?"),
+    "statsd_host": re.compile(r"unix:(//|(?!\d+$))"),
+    "syslog_addr": re.compile(r"unix://"),
+}
+
 
 def absolute(name, value, directory):
     """A converted ``value`` of setting ``name`` with each relative path in it
-    taken from ``directory``: files the part names, a unix socket to bind."""
+    taken from ``directory``: files the part names, the unix sockets it binds
+    or logs to."""
     if name == "bind":
-        return [f"unix:{os.path.join(directory, address[5:])}" if address.startswith("unix:")
-                else address for address in value]
+        return [_unix_absolute(name, address, directory) for address in value]
+    if name in _UNIX_ADDRESS:
+        return _unix_absolute(name, value, directory)
     if name != "chdir" and known_settings()[name].meta not in _PATH_METAS:
         return value
     if isinstance(value, list):
         return [os.path.join(directory, path) for path in value]
     return os.path.join(directory, value) if value and value != "-" else value
+
+
+def _unix_absolute(name, address, directory):
+    """``address`` with a unix socket's relative path taken from ``directory``,
+    written ``unix:/path`` (``unix:///path`` for syslog, which knows no other
+    form); any other address as it is."""
+    match = _UNIX_ADDRESS[name].match(address)
+    if not match:
+        return address
+    path = os.path.join(directory, address[match.end():])
+    return f"unix://{path}" if name == "syslog_addr" else f"unix:{path}"
 
 
 def worker_for(worker_class, threads):
