@@ -279,6 +279,16 @@ def eventually(condition, timeout, why="", interval=0.1):
     return value
 
 
+def datagrams_until(listener, awaited, timeout=10):
+    """What a statsd or syslog ``listener`` (a datagram socket) receives
+    until ``awaited`` is among it, one datagram a line; a timeout fails."""
+    listener.settimeout(timeout)
+    received = b""
+    while awaited not in received:
+        received += listener.recv(65536) + b"\n"
+    return received
+
+
 def logged_error(output, says):
     """Whether the server's log lines (in its output too) say ``says`` as an error."""
     return any(" ERROR " in line and line.endswith(f"] {says}") for line in output.splitlines())

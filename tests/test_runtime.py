@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from conftest import REPO, free_port, logged_error, run_script, wait_for_port, wait_until_serving
+from conftest import (REPO, datagrams_until, free_port, logged_error, run_script, wait_for_port,
+                      wait_until_serving)
 
 
 @pytest.fixture(scope="module")
@@ -158,14 +159,11 @@ def test_live_pidfile_refuses_and_stale_one_does_not_block(fs, servers):
 def test_statsd_host_gets_gunicorns_metrics(fs, servers):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as statsd:
         statsd.bind(("127.0.0.1", 0))
-        statsd.settimeout(10)
         port = statsd.getsockname()[1]
         server = servers([fs.path("bin", "gunicorn-instance"), "--statsd-host",
                           f"127.0.0.1:{port}"], fs.dir, name="statsd")
         assert wait_until_serving(server, fs.address) == 200
-        packets = b""
-        while b"gunicorn.request.status.200:1|c" not in packets:
-            packets += statsd.recv(4096) + b"\n"  # a timeout fails the test
+        packets = datagrams_until(statsd, b"gunicorn.request.status.200:1|c")
     assert b"gunicorn.requests:1|c" in packets
     assert server.stop() == 0
 
