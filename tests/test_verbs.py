@@ -105,6 +105,18 @@ def test_lifecycle_like_bin_instance(verbs, cleanup, part):
     assert script(verbs, part, "status")[0] == 3
 
 
+def test_start_finds_a_unix_socket_written_as_gunicorn_reads_it(verbs, cleanup):
+    # unix://PATH is unix:PATH to gunicorn: var/cli.sock, in the directory it starts in
+    status, out = script(verbs, "gunicorn", "start", "-b", "unix://var/cli.sock", timeout=60)
+    assert status == 0, out
+    assert request(f"unix:{verbs.path('var', 'cli.sock')}")[0] == 200
+    assert script(verbs, "gunicorn", "stop")[0] == 0
+    # start's own request had an answer, not an error (Zope's, for a request
+    # without Host: on a unix socket)
+    log = verbs.path("var", "log", "gunicorn.log").read_text()
+    assert "Error handling request" not in log, log
+
+
 def test_stop_fails_when_the_server_does_not_go(verbs, cleanup):
     assert script(verbs, "gunicorn", "start")[0] == 0
     pid = pid_of(verbs, "gunicorn")

@@ -175,12 +175,14 @@ def _answers(address, timeout=5):
         if address.startswith("unix:"):
             conn = socket.socket(socket.AF_UNIX)
             conn.settimeout(timeout)
-            conn.connect(address[len("unix:"):])
+            conn.connect(util.parse_address(address))  # unix:PATH or unix://PATH
         else:
             host, _, port = address.rpartition(":")
             conn = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
         with conn:
-            conn.sendall(b"HEAD / HTTP/1.0\r\n\r\n")
+            # A Host header: without one, gunicorn leaves SERVER_PORT empty on
+            # a unix socket and Zope fails the request, a traceback in the log.
+            conn.sendall(b"HEAD / HTTP/1.0\r\nHost: localhost\r\n\r\n")
             return conn.recv(16).startswith(b"HTTP/")
     except (OSError, ValueError):  # ValueError: fd://N, not an address to connect to
         return False

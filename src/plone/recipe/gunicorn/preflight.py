@@ -8,6 +8,8 @@ import errno
 import os
 import socket
 
+from gunicorn import util
+
 from plone.recipe.gunicorn.control import master_pid
 
 
@@ -76,7 +78,7 @@ def check_binds(cfg):
         return  # sockets inherited from systemd or from a re-executing master
     for address in cfg.bind:
         if address.startswith("unix:"):
-            _check_unix(address[len("unix:"):], address)
+            _check_unix(util.parse_address(address), address)  # unix:PATH or unix://PATH
         elif not address.startswith("fd://"):
             _check_tcp(address)
 
