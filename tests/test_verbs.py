@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import (REPO, datagrams_until, eventually, free_port, logged_error, request,
-                      wait_until_serving)
+                      run_script, wait_until_serving)
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +36,9 @@ def verbs(new_buildout):
 
 
 def script(buildout, part, *args, timeout=120):
-    """Run ``bin/<part>-instance ARGS``; return (exit status, output)."""
-    result = subprocess.run([str(buildout.path("bin", f"{part}-instance")), *args],
-                            cwd=buildout.dir, capture_output=True, text=True,
-                            timeout=timeout, stdin=subprocess.DEVNULL)
-    return result.returncode, (result.stdout + result.stderr).strip()
+    """Run ``bin/<part>-instance ARGS``; return (exit status, output, stripped)."""
+    status, out = run_script(buildout, *args, script=f"{part}-instance", timeout=timeout)
+    return status, out.strip()
 
 
 @pytest.fixture
