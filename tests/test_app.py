@@ -4,7 +4,7 @@ import io
 import os
 import time
 
-from plone.recipe.gunicorn.app import RewindableInput, startup_lock
+from plone.recipe.gunicorn.app import LocalhostOnUnixSocket, RewindableInput, startup_lock
 
 
 class Stream(io.RawIOBase):
@@ -95,3 +95,24 @@ def test_body_over_max_request_body_size_is_refused():
     assert call_limited(chunked, 10) == ("413 Request Entity Too Large", [])
     at_limit = {"wsgi.input": Stream(b"a=12345678"), "HTTP_TRANSFER_ENCODING": "chunked"}
     assert call_limited(at_limit, 10) == ("200 OK", [b"a=12345678"])
+
+
+def server_seen(environ):
+    """SERVER_NAME and SERVER_PORT as Zope sees them through LocalhostOnUnixSocket."""
+    return LocalhostOnUnixSocket(
+        lambda env, sr: (env["SERVER_NAME"], env["SERVER_PORT"]))(environ, None)
+
+
+def test_request_without_host_over_a_unix_socket_is_for_localhost():
+    # gunicorn's environ for "GET / HTTP/1.0" without Host on unix:/srv/var/zope.sock
+    unix = {"SERVER_NAME": "/srv/var/zope.sock", "SERVER_PORT": ""}
+    assert server_seen({**unix, "wsgi.url_scheme": "http"}) == ("localhost", "80")
+    assert server_seen({**unix, "wsgi.url_scheme": "https"}) == ("localhost", "443")
+
+
+def test_server_name_and_port_gunicorn_knows_are_passed_through():
+    tcp = {"SERVER_NAME": "127.0.0.1", "SERVER_PORT": "8080", "wsgi.url_scheme": "http"}
+    assert server_seen(tcp) == ("127.0.0.1", "8080")
+    # over a unix socket with Host: gunicorn takes both from it
+    hosted = {"SERVER_NAME": "www.example.org", "SERVER_PORT": "443", "wsgi.url_scheme": "https"}
+    assert server_seen(hosted) == ("www.example.org", "443")

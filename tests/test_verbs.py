@@ -108,9 +108,15 @@ def test_start_finds_a_unix_socket_written_as_gunicorn_reads_it(verbs, cleanup):
     status, out = script(verbs, "gunicorn", "start", "-b", "unix://var/cli.sock", timeout=60)
     assert status == 0, out
     assert request(f"unix:{verbs.path('var', 'cli.sock')}")[0] == 200
+    # a health check without Host (HTTP/1.0): gunicorn leaves SERVER_PORT empty
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(30)
+        client.connect(str(verbs.path("var", "cli.sock")))
+        client.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        answer = client.makefile("rb").read()
+    assert answer.split(b"\r\n", 1)[0] == b"HTTP/1.0 200 OK", answer[:2000]
     assert script(verbs, "gunicorn", "stop")[0] == 0
-    # start's own request had an answer, not an error (Zope's, for a request
-    # without Host: on a unix socket)
+    # neither start's own request nor the one without Host met an error
     log = verbs.path("var", "log", "gunicorn.log").read_text()
     assert "Error handling request" not in log, log
 

@@ -13,6 +13,12 @@ gives Zope a seekable copy of the body, as waitress does.  Like waitress under
 ``max-request-body-size`` (413): gunicorn has no such limit, and the copy of
 an endless upload would fill the disk.
 
+Over a unix socket, gunicorn names the server by the request's ``Host``
+header; a request without one (HTTP/1.0: a health check through ``nc -U``)
+gets the socket's path as ``SERVER_NAME`` and an empty ``SERVER_PORT``, on
+which Zope fails with a 500 and a traceback.  ``LocalhostOnUnixSocket`` makes
+such a request one for ``localhost`` on the scheme's port.
+
 Workers of one master boot at the same moment.  On a fresh, empty database
 each of them would create the Zope root object and all but one would fail
 with a ConflictError, which makes gunicorn stop the whole server.  Creating
@@ -93,7 +99,7 @@ def make_zope_app(global_conf, zope_conf, max_request_body_size=None, **local_co
             message = f"{zope_conf}: {message}"
         raise AppImportError(message) from exc
     limit = None if max_request_body_size is None else int(max_request_body_size)
-    return RewindableInput(application, limit)
+    return LocalhostOnUnixSocket(RewindableInput(application, limit))
 
 
 def zeo_servers(zope_conf):
@@ -152,6 +158,23 @@ class RewindableInput:
             ("Content-Type", "text/plain; charset=utf-8"),
             ("Content-Length", str(len(body))), ("Connection", "close")])
         return [body]
+
+
+class LocalhostOnUnixSocket:
+    """WSGI middleware: a request without ``Host`` over a unix socket is one
+    for ``localhost`` on the scheme's default port, not for the socket's path
+    on an empty port (on which Zope's ``HTTPRequest`` fails)."""
+
+    DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+    def __init__(self, app):
+        self.app = app
+
+    def __call__(self, environ, start_response):
+        if not environ.get("SERVER_PORT"):  # gunicorn's sign of the case; else a port
+            environ["SERVER_NAME"] = "localhost"
+            environ["SERVER_PORT"] = self.DEFAULT_PORTS.get(environ.get("wsgi.url_scheme"), "80")
+        return self.app(environ, start_response)
 
 
 def has_body(environ):
