@@ -57,6 +57,26 @@ def test_port_in_use_is_one_line(fs):
                     "stop it or change http-address or bind")
 
 
+@pytest.mark.parametrize("address, stale, reason", [
+    ("unix://{var}/no-syslog.sock", False, "No such file or directory"),
+    ("unix://{var}/no-syslog.sock#dgram", True, "Connection refused"),  # a daemon gone
+    ("tcp://127.0.0.1:{port}", False, "Connection refused"),
+])
+def test_syslog_nobody_listens_to_is_one_line(fs, address, stale, reason):
+    # Python's SysLogHandler would print a traceback for every message (unix),
+    # or gunicorn stop without naming syslog (tcp)
+    address = address.format(var=fs.path("var"), port=free_port())
+    socket_file = fs.path("var", "no-syslog.sock")
+    socket_file.unlink(missing_ok=True)
+    if stale:  # the socket file of a syslog daemon that has stopped
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as daemon:
+            daemon.bind(str(socket_file))
+    line = start_refused(fs, "--log-syslog", "--log-syslog-to", address)
+    assert line == (f"gunicorn-instance: syslog-addr {address}: no syslog daemon listens "
+                    f"there ({reason}); start one, give syslog-addr its address, or set "
+                    "syslog = false")
+
+
 def test_a_database_open_in_another_process_is_one_line(fs):
     # bin/instance fg, or another part, has the FileStorage open: it holds the
     # lock on Data.fs.lock (here this test does, as ZODB does it).

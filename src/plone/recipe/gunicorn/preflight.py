@@ -9,6 +9,7 @@ import os
 import socket
 
 from gunicorn import util
+from gunicorn.glogging import parse_syslog_address
 
 from plone.recipe.gunicorn.control import master_pid
 
@@ -81,6 +82,37 @@ def check_binds(cfg):
             _check_unix(util.parse_address(address), address)  # unix:PATH or unix://PATH
         elif not address.startswith("fd://"):
             _check_tcp(address)
+
+
+def check_syslog(cfg):
+    """The syslog daemon to log to listens.  Without one on a unix socket,
+    Python's ``SysLogHandler`` prints a traceback on stderr for every message
+    (under ``start`` stderr is gone: the log is lost without a word); without
+    one over TCP gunicorn stops with a line that does not say syslog."""
+    if not cfg.syslog:
+        return
+    kind, address = parse_syslog_address(cfg.syslog_addr)
+    if isinstance(address, str):  # a unix socket, of the kind given or either
+        probes = [(socket.AF_UNIX, kind)] if kind else [
+            (socket.AF_UNIX, socket.SOCK_DGRAM), (socket.AF_UNIX, socket.SOCK_STREAM)]
+    elif kind == socket.SOCK_STREAM:
+        try:
+            probes = [(family, kind) for family, *_ in socket.getaddrinfo(*address, type=kind)]
+        except OSError as exc:  # a host name that does not resolve
+            probes, reason = [], str(exc)
+    else:
+        return  # UDP: nothing answers
+    for family, kind in probes:
+        with socket.socket(family, kind) as probe:  # as SysLogHandler tries them
+            probe.settimeout(5)
+            try:
+                probe.connect(address)
+                return
+            except OSError as exc:
+                reason = exc.strerror or str(exc)  # a timeout has no strerror
+    raise Refused(
+        f"syslog-addr {cfg.syslog_addr}: no syslog daemon listens there ({reason}); "
+        "start one, give syslog-addr its address, or set syslog = false")
 
 
 def _check_unix(path, address):

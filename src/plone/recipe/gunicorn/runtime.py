@@ -84,6 +84,7 @@ def main(mode, config, argv=None, shared_database=None, prog=None, zeo_client_cl
             sys.exit(control.check(application, prog))
         preflight.check_pidfile(cfg, prog)
         preflight.check_binds(cfg)
+        preflight.check_syslog(cfg)
     except preflight.Refused as refused:
         sys.exit(f"{prog}: {refused}")
     if verb == "start":
