@@ -321,6 +321,10 @@ BROKEN = {
     "no threads": ("[gunicorn]\nthreads = 0", ["[gunicorn] threads = '0'", "at least 1"]),
     "log level unknown": ("[gunicorn]\nloglevel = verbose",
                           ["[gunicorn] loglevel = 'verbose'", "debug, info, warning"]),
+    "syslog address without its scheme": (
+        "[gunicorn]\nsyslog-addr = localhost:514",
+        ["[gunicorn] syslog-addr = 'localhost:514'", "gunicorn reads unix://PATH",
+         "udp://HOST:PORT or tcp://HOST:PORT"]),
     "several workers on a FileStorage": (
         "[gunicorn]\nworkers = 2",
         ["[gunicorn] workers = '2'", "FileStorage", "ZEO or RelStorage", "[instance]"]),

@@ -40,6 +40,8 @@ def start_refused(buildout, *args, script="gunicorn-instance"):
 @pytest.mark.parametrize("args, says", [
     (["--workers", "2"], "2 workers on a FileStorage: one process must own a FileStorage"),
     (["--preload"], "set preload_app = false"),
+    (["--log-syslog", "--log-syslog-to", "udp://localhost:x"],
+     "syslog-addr udp://localhost:x: 'x' is not a valid port number; gunicorn reads unix://PATH"),
 ])
 def test_unsafe_command_line_is_refused_before_serving(fs, args, says):
     line = start_refused(fs, *args)

@@ -12,6 +12,7 @@ from gunicorn import util
 from gunicorn.glogging import parse_syslog_address
 
 from plone.recipe.gunicorn.control import master_pid
+from plone.recipe.gunicorn.settings import SYSLOG_ADDRESSES
 
 
 class Refused(Exception):
@@ -91,7 +92,11 @@ def check_syslog(cfg):
     one over TCP gunicorn stops with a line that does not say syslog."""
     if not cfg.syslog:
         return
-    kind, address = parse_syslog_address(cfg.syslog_addr)
+    try:
+        kind, address = parse_syslog_address(cfg.syslog_addr)
+    except RuntimeError as exc:  # --log-syslog-to on the command line
+        raise Refused(f"syslog-addr {cfg.syslog_addr}: {str(exc).rstrip('.')}; gunicorn "
+                      f"reads {SYSLOG_ADDRESSES}")
     if isinstance(address, str):  # a unix socket, of the kind given or either
         probes = [(socket.AF_UNIX, kind)] if kind else [
             (socket.AF_UNIX, socket.SOCK_DGRAM), (socket.AF_UNIX, socket.SOCK_STREAM)]

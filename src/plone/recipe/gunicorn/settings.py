@@ -19,7 +19,7 @@ import socket
 
 from gunicorn import util
 from gunicorn.config import Config
-from gunicorn.glogging import Logger
+from gunicorn.glogging import Logger, parse_syslog_address
 
 # Settings that hold lists take one item per line; bind, like http-address,
 # also takes white space between addresses.
@@ -35,6 +35,18 @@ THREAD_WORKER = "plone.recipe.gunicorn.worker.ThreadWorker"
 # gunicorn's log levels, least severe first.
 LOG_LEVELS = sorted(Logger.LOG_LEVELS, key=Logger.LOG_LEVELS.get)
 
+SYSLOG_ADDRESSES = "unix://PATH (#dgram or #stream after it), udp://HOST:PORT or tcp://HOST:PORT"
+
+
+def is_syslog_address(text):
+    """Whether gunicorn's logger can read ``text`` (its validator takes any text)."""
+    try:
+        parse_syslog_address(text)
+    except RuntimeError:  # "invalid syslog address", "... is not a valid port number."
+        return False
+    return True
+
+
 # Values gunicorn accepts that cannot serve Zope: setting -> (test, what is right).
 STRICTER = {
     "workers": (lambda n: n >= 1, "at least 1 is needed: with none the server "
@@ -42,6 +54,8 @@ STRICTER = {
     "threads": (lambda n: n >= 1, "at least 1 is needed"),
     "loglevel": (lambda level: level.lower() in LOG_LEVELS,
                  f"use one of {', '.join(LOG_LEVELS)} (it also sets the event log's level)"),
+    # checked without syslog = true too: gunicorn fails on it once that is set
+    "syslog_addr": (is_syslog_address, f"gunicorn reads {SYSLOG_ADDRESSES}"),
 }
 
 
