@@ -40,8 +40,6 @@ def start_refused(buildout, *args, script="gunicorn-instance"):
 @pytest.mark.parametrize("args, says", [
     (["--workers", "2"], "2 workers on a FileStorage: one process must own a FileStorage"),
     (["--preload"], "set preload_app = false"),
-    (["--log-syslog", "--log-syslog-to", "udp://localhost:x"],
-     "syslog-addr udp://localhost:x: 'x' is not a valid port number; gunicorn reads unix://PATH"),
 ])
 def test_unsafe_command_line_is_refused_before_serving(fs, args, says):
     line = start_refused(fs, *args)
@@ -77,6 +75,12 @@ def test_syslog_nobody_listens_to_is_one_line(fs, address, stale, reason):
     assert line == (f"gunicorn-instance: syslog-addr {address}: no syslog daemon listens "
                     f"there ({reason}); start one, give syslog-addr its address, or set "
                     "syslog = false")
+
+
+def test_syslog_address_gunicorn_cannot_read_is_one_line(fs):
+    line = start_refused(fs, "--log-syslog", "--log-syslog-to", "udp://localhost:x")
+    says = "syslog-addr udp://localhost:x: 'x' is not a valid port number; gunicorn reads unix://PATH"
+    assert line.startswith("gunicorn-instance: ") and says in line
 
 
 def test_a_database_open_in_another_process_is_one_line(fs):

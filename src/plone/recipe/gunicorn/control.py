@@ -180,8 +180,8 @@ def _answers(address, timeout=5):
             host, _, port = address.rpartition(":")
             conn = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
         with conn:
-            # A Host header: without one, gunicorn leaves SERVER_PORT empty on
-            # a unix socket and Zope fails the request, a traceback in the log.
+            # With Host, as any HTTP client asks (app.LocalhostOnUnixSocket
+            # answers a request without one over a unix socket, too).
             conn.sendall(b"HEAD / HTTP/1.0\r\nHost: localhost\r\n\r\n")
             return conn.recv(16).startswith(b"HTTP/")
     except (OSError, ValueError):  # ValueError: fd://N, not an address to connect to

@@ -98,20 +98,21 @@ def check_syslog(cfg):
         raise Refused(f"syslog-addr {cfg.syslog_addr}: {str(exc).rstrip('.')}; gunicorn "
                       f"reads {SYSLOG_ADDRESSES}")
     if isinstance(address, str):  # a unix socket, of the kind given or either
-        probes = [(socket.AF_UNIX, kind)] if kind else [
-            (socket.AF_UNIX, socket.SOCK_DGRAM), (socket.AF_UNIX, socket.SOCK_STREAM)]
+        probes = [(socket.AF_UNIX, kind, address) for kind in
+                  ([kind] if kind else [socket.SOCK_DGRAM, socket.SOCK_STREAM])]
     elif kind == socket.SOCK_STREAM:
-        try:
-            probes = [(family, kind) for family, *_ in socket.getaddrinfo(*address, type=kind)]
+        try:  # each address the host name resolves to, resolved once
+            probes = [(family, kind, sockaddr) for family, _, _, _, sockaddr
+                      in socket.getaddrinfo(*address, type=kind)]
         except OSError as exc:  # a host name that does not resolve
             probes, reason = [], str(exc)
     else:
         return  # UDP: nothing answers
-    for family, kind in probes:
+    for family, kind, target in probes:
         with socket.socket(family, kind) as probe:  # as SysLogHandler tries them
             probe.settimeout(5)
             try:
-                probe.connect(address)
+                probe.connect(target)
                 return
             except OSError as exc:
                 reason = exc.strerror or str(exc)  # a timeout has no strerror
