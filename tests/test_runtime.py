@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from conftest import (REPO, datagrams_until, free_port, logged_error, run_script, wait_for_port,
-                      wait_until_serving)
+from conftest import (REPO, datagrams_until, eventually, free_port, logged_error, request,
+                      run_script, wait_for_port, wait_until_serving)
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +192,81 @@ def test_statsd_host_gets_gunicorns_metrics(fs, servers):
         packets = datagrams_until(statsd, b"gunicorn.request.status.200:1|c")
     assert b"gunicorn.requests:1|c" in packets
     assert server.stop() == 0
+
+
+class TcpSyslogDaemon:
+    """A syslog daemon on a TCP port of loopback, which can stop and start
+    again on the same port, as rsyslog does when logrotate restarts it."""
+
+    def __init__(self):
+        self.chunks = []  # from every connection, in the order they came
+        self.port = 0
+        self.start()
+
+    @property
+    def received(self):
+        return b"".join(self.chunks)
+
+    def start(self):
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", self.port))
+        self.listener.listen()
+        self.port = self.listener.getsockname()[1]
+        self.connections = []
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def _accept(self, listener):
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # stopped
+                return
+            self.connections.append(conn)
+            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+
+    def _read(self, conn):
+        try:
+            while data := conn.recv(65536):
+                self.chunks.append(data)
+        except OSError:
+            pass
+
+    def stop(self):
+        for sock in [self.listener] + self.connections:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # never connected, or gone already
+                pass
+            sock.close()
+
+
+def test_a_syslog_daemon_that_restarts_gets_the_log_again(fs, servers):
+    # Python's SysLogHandler printed a traceback for every message once the
+    # daemon had gone, and over TCP never connected again.
+    daemon = TcpSyslogDaemon()
+    try:
+        server = servers([fs.path("bin", "gunicorn-instance"), "--log-syslog",
+                          "--log-syslog-to", f"tcp://127.0.0.1:{daemon.port}"],
+                         fs.dir, name="syslog-restart")
+        assert wait_until_serving(server, fs.address, "/?before") == 200
+        eventually(lambda: b"GET /?before " in daemon.received, 10, "no access line in syslog")
+        daemon.stop()
+        for n in range(5):  # served while the daemon is away
+            assert request(fs.address, f"/?away-{n}")[0] == 200
+        daemon.start()
+        eventually(lambda: request(fs.address, "/?back")[0] == 200
+                   and b"GET /?back " in daemon.received, 20,
+                   lambda: f"syslog gets nothing again:\n{server.output()[-3000:]}")
+        output = server.output()
+        assert "Logging error" not in output and "Traceback" not in output, output
+        [worker] = server.workers()
+        says = f"plone.recipe.gunicorn: syslog at 127.0.0.1:{daemon.port}: process {worker} "
+        assert output.count(says + "cannot send to it (") == 1, output
+        assert output.count(says + "sends to it again") == 1, output
+        assert server.stop() == 0
+    finally:
+        daemon.stop()
 
 
 def slow_post(address, seconds, answers):

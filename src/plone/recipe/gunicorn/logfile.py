@@ -1,4 +1,5 @@
-"""The part's log files: a handler that rotation cannot break.
+"""The part's logs: handlers that rotation and a restarting syslog daemon
+cannot break.
 
 A master and its workers write the same files, ``var/log/<part>.log`` and
 ``var/log/<part>-access.log``.  logrotate moves them away; each process then
@@ -14,12 +15,21 @@ A master that runs as root and starts its workers as another ``user`` or
 ``group`` gives them every log file it opens (gunicorn does so for its own
 ``errorlog`` and ``accesslog`` once, at the start), also the files it opens
 anew after a rotation: ``give_logs_to``.
+
+With ``syslog = true`` every message, the access log's too, also goes to a
+syslog daemon, which may restart while the server runs (logrotate restarts
+rsyslog).  Python's handler then prints a traceback on stderr for every
+message it cannot send, and over TCP never connects again: the server's
+syslog stays silent until it is restarted.  ``SysLogHandler`` drops the
+messages while the daemon is away, says so once, and connects again.
 """
 
 import logging
 import logging.handlers
 import os
+import socket
 import sys
+import time
 
 
 class WatchedFileHandler(logging.handlers.WatchedFileHandler):
@@ -100,3 +110,76 @@ def _give(fd, owner):
         os.fchown(fd, *owner)
     except OSError:  # a file that is not ours to give (/dev/null, a root-owned path)
         pass
+
+
+class SysLogHandler(logging.handlers.SysLogHandler):
+    """logging's ``SysLogHandler``, which outlives the syslog daemon's restart.
+
+    A message it cannot send is dropped.  The next message a second later
+    connects again, the wait doubling up to a minute while the daemon stays
+    away (each try given ``CONNECT_TIMEOUT`` seconds: a connection over TCP
+    can block the request that logs).  Each process says once on stderr
+    that the daemon went away, and once that it sends again, however many
+    of its loggers send there."""
+
+    CONNECT_TIMEOUT = 1.0
+    LONGEST_WAIT = 60.0
+
+    said_away = set()  # (process, address): what a process said it cannot send to
+    away = False
+    _wait = 1.0
+    _next_try = 0.0
+    _failed = None  # the error of the message being sent, from handleError
+
+    def emit(self, record):
+        if self.away:
+            if time.monotonic() < self._next_try:
+                return
+            try:
+                self._connect_again()
+            except OSError as exc:
+                self._lost(exc)
+                return
+        super().emit(record)  # which gives an error to handleError
+        failed, self._failed = self._failed, None  # and keeps no traceback
+        if failed is not None:
+            self._lost(failed)
+        elif self.away:
+            self.away, self._wait = False, 1.0
+            if (os.getpid(), self.address) in self.said_away:  # a worker inherits the set
+                self.said_away.discard((os.getpid(), self.address))
+                self._say("sends to it again")
+
+    def handleError(self, record):
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            self._failed = error
+        else:  # a message that cannot be formatted: Python's report
+            super().handleError(record)
+
+    def _connect_again(self):
+        if self.socket is not None:
+            self.socket.close()
+        if self.unixsocket:
+            self._connect_unixsocket(self.address)  # the kind that worked before
+        elif self.socktype == socket.SOCK_STREAM:
+            self.socket = socket.create_connection(self.address, self.CONNECT_TIMEOUT)
+            self.socket.settimeout(None)  # sending blocks, as Python's does
+        # over UDP there is nothing to connect
+
+    def _lost(self, error):
+        if self.away:
+            self._wait = min(2 * self._wait, self.LONGEST_WAIT)
+        else:
+            self.away = True
+            if (os.getpid(), self.address) not in self.said_away:
+                self.said_away.add((os.getpid(), self.address))
+                self._say(f"cannot send to it ({error.strerror or error}); drops its "
+                          "syslog messages until it answers again")
+        self._next_try = time.monotonic() + self._wait
+
+    def _say(self, what):
+        where = self.address if self.unixsocket else "%s:%s" % self.address
+        sys.stderr.write(f"plone.recipe.gunicorn: syslog at {where}: process {os.getpid()} "
+                         f"{what}\n")
+        sys.stderr.flush()

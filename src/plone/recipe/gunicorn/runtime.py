@@ -209,6 +209,20 @@ class Logger(glogging.Logger):
                 for log in access:
                     self._set_syslog_handler(log, cfg, self.syslog_fmt, "access")
 
+    def _set_syslog_handler(self, log, cfg, fmt, name):
+        """gunicorn's, with the recipe's handler, which outlives a restart of
+        the syslog daemon (``logfile.SysLogHandler``)."""
+        prefix = cfg.syslog_prefix or cfg.proc_name.replace(":", ".")
+        try:
+            facility = glogging.SYSLOG_FACILITIES[cfg.syslog_facility.lower()]
+        except KeyError as exc:
+            raise RuntimeError("unknown facility name") from exc
+        socktype, address = glogging.parse_syslog_address(cfg.syslog_addr)
+        handler = logfile.SysLogHandler(address=address, facility=facility, socktype=socktype)
+        handler.setFormatter(logging.Formatter(f"gunicorn.{prefix}.{name}: {fmt}"))
+        handler._gunicorn = True  # gunicorn's own: replaced when it sets up anew (HUP)
+        log.addHandler(handler)
+
     def access(self, resp, req, environ, request_time):
         if self.access_log.isEnabledFor(logging.INFO):
             super().access(resp, req, environ, request_time)
