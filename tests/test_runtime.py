@@ -63,8 +63,8 @@ def test_port_in_use_is_one_line(fs):
     ("tcp://127.0.0.1:{port}", False, "Connection refused"),
 ])
 def test_syslog_nobody_listens_to_is_one_line(fs, address, stale, reason):
-    # Python's SysLogHandler would print a traceback for every message (unix),
-    # or gunicorn stop without naming syslog (tcp)
+    # the server would drop every syslog message, saying so on a stderr that
+    # start has closed (unix), or gunicorn stop without naming syslog (tcp)
     address = address.format(var=fs.path("var"), port=free_port())
     socket_file = fs.path("var", "no-syslog.sock")
     socket_file.unlink(missing_ok=True)

@@ -86,10 +86,11 @@ def check_binds(cfg):
 
 
 def check_syslog(cfg):
-    """The syslog daemon to log to listens.  Without one on a unix socket,
-    Python's ``SysLogHandler`` prints a traceback on stderr for every message
-    (under ``start`` stderr is gone: the log is lost without a word); without
-    one over TCP gunicorn stops with a line that does not say syslog."""
+    """The syslog daemon to log to listens.  Without one on a unix socket the
+    server would drop every syslog message from its first (the recipe's
+    handler says so on stderr, which ``start`` has closed: without a word);
+    without one over TCP gunicorn stops with a line that does not say syslog.
+    A daemon that goes away later is ``logfile.SysLogHandler``'s to outlive."""
     if not cfg.syslog:
         return
     try:
