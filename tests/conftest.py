@@ -10,6 +10,7 @@ import base64
 import contextlib
 import http.client
 import os
+import random
 import re
 import signal
 import socket
@@ -27,10 +28,40 @@ EGGS = Path(os.environ.get("PLONE_RECIPE_GUNICORN_EGGS", REPO / "eggs"))
 ADMIN = "Basic " + base64.b64encode(b"admin:admin").decode()
 
 
+def _ephemeral_ports():
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
+_GIVEN_PORTS = set()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nobody holds, outside the kernel's ephemeral range.
+
+    A port the kernel hands out (bind to 0) is one it also gives to outgoing
+    connections: a ZEO client's, a test's own probe, another program's on this
+    shared machine can take it in the seconds between this call and the
+    server's bind, and the server then rightly refuses to start.  A port of
+    20000-29999 outside that range is only taken by a program that binds it by
+    number (the benchmark's are 18000-18199); no port is given twice.
+    """
+    ephemeral = _ephemeral_ports()
+    candidates = [port for port in range(20000, 30000)
+                  if port not in ephemeral and port not in _GIVEN_PORTS]
+    random.shuffle(candidates)
+    for port in candidates + [0]:  # 0: the kernel's choice, if that range is all ephemeral
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = s.getsockname()[1]
+        _GIVEN_PORTS.add(port)
+        return port
 
 
 class Buildout:

@@ -200,7 +200,7 @@ class TcpSyslogDaemon:
 
     def __init__(self):
         self.chunks = []  # from every connection, in the order they came
-        self.port = 0
+        self.port = free_port()  # not an ephemeral one, which an outgoing connection could take
         self.start()
 
     @property
@@ -212,7 +212,6 @@ class TcpSyslogDaemon:
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(("127.0.0.1", self.port))
         self.listener.listen()
-        self.port = self.listener.getsockname()[1]
         self.connections = []
         threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
 
