@@ -36,7 +36,10 @@ def _ephemeral_ports():
     return range(low, high + 1)
 
 
-_GIVEN_PORTS = set()
+# Ports free_port may give: of 20000-29999 (the benchmark's are 18000-18199)
+# those outside the kernel's ephemeral range; each is given once.
+_PORTS = [port for port in range(20000, 30000) if port not in _ephemeral_ports()]
+random.shuffle(_PORTS)
 
 
 def free_port():
@@ -45,23 +48,20 @@ def free_port():
     A port the kernel hands out (bind to 0) is one it also gives to outgoing
     connections: a ZEO client's, a test's own probe, another program's on this
     shared machine can take it in the seconds between this call and the
-    server's bind, and the server then rightly refuses to start.  A port of
-    20000-29999 outside that range is only taken by a program that binds it by
-    number (the benchmark's are 18000-18199); no port is given twice.
+    server's bind, and the server then rightly refuses to start.  A port
+    outside that range is only taken by a program that binds it by number.
     """
-    ephemeral = _ephemeral_ports()
-    candidates = [port for port in range(20000, 30000)
-                  if port not in ephemeral and port not in _GIVEN_PORTS]
-    random.shuffle(candidates)
-    for port in candidates + [0]:  # 0: the kernel's choice, if that range is all ephemeral
+    while _PORTS:
+        port = _PORTS.pop()
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            port = s.getsockname()[1]
-        _GIVEN_PORTS.add(port)
         return port
+    with socket.socket() as s:  # that range is all ephemeral here: the kernel's choice
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class Buildout:
