@@ -44,7 +44,17 @@ connection open.  The recipe's workers wait only when the client may still
 be sending, as nginx does (``lingering_close on``): when the request had a
 body not read to its end, or bytes beyond the request have arrived.
 Otherwise they close at once; the kernel still delivers the response,
-then the FIN.
+then the FIN.  A client that has closed its end already (wrk, curl: they
+close once they have read a response that says ``Connection: close``)
+cannot still be sending either.
+
+gunicorn sends a response's head and its body with two writes, and a
+client on the same host wakes up for each.  The recipe's sync worker
+holds the head back until the first bytes of the body and sends both
+with one write, as bjoern does: one wake-up and one system call fewer
+per response.  A response without a body (``HEAD``, 304) sends
+its head when it ends; a body larger than ``HEAD_WITH_BODY`` bytes is sent
+after its head, rather than copied to join it.
 """
 
 import math
@@ -59,6 +69,7 @@ TCP_DEFER_ACCEPT = getattr(socket, "TCP_DEFER_ACCEPT", None)  # Linux only
 TCP = (socket.AF_INET, socket.AF_INET6)
 HEADER_TIMEOUT = 10  # seconds for a request's header section, from its first byte
 HEADER_PEEK = 65536  # bytes of it looked at; a longer one is left to gunicorn's parser
+HEAD_WITH_BODY = 65536  # body bytes a response's head is joined to in one write
 
 
 class ClientLimits:
@@ -112,7 +123,12 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
             super().handle(listener, client, addr)
 
     def handle_request(self, listener, req, client, addr):
-        super().handle_request(listener, req, client, addr)
+        # gunicorn's response writes to the socket it is given.
+        held = HeadHeldBack(client)
+        try:
+            super().handle_request(listener, req, held, addr)
+        finally:
+            held.flush()  # the head of a response without body
         # gunicorn's handle() then closes gracefully; on a closed socket
         # that is a no-op.
         if self.may_close_at_once(req, client):
@@ -151,6 +167,38 @@ class ThreadWorker(ClientLimits, gthread.ThreadWorker):
         return keepalive
 
 
+class HeadHeldBack:
+    """A client socket for gunicorn's response to write to: its first write,
+    the response's head, is held back and sent with the next non-empty one,
+    the body's first bytes.  Anything else done with the socket sends the
+    head first."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.head = None
+        self.written = False
+
+    def sendall(self, data):
+        if not self.written:  # gunicorn writes a response's head first
+            self.written = True
+            self.head = bytes(data)
+        elif data:  # gunicorn's write of an empty chunk would send nothing
+            if self.head is not None and len(data) <= HEAD_WITH_BODY:
+                data, self.head = self.head + data, None
+            self.flush()
+            self.sock.sendall(data)
+
+    def flush(self):
+        """Send the head, if held."""
+        if self.head is not None:
+            head, self.head = self.head, None
+            self.sock.sendall(head)
+
+    def __getattr__(self, name):  # sendfile, shutdown, close, fileno ...
+        self.flush()
+        return getattr(self.sock, name)
+
+
 def shut_down(sock):
     """Send the FIN now and end reading, so that a graceful close does not wait."""
     try:
@@ -164,7 +212,18 @@ def nothing_more_to_come(req, client):
     body = req.body.reader
     return (isinstance(body, LengthReader) and body.length == 0  # body read to its end
             and not req.unreader.buf.getvalue()  # nothing read beyond it
-            and not sent_something(client, 0))  # nor waiting in the kernel
+            and nothing_waiting(client))  # nor in the kernel
+
+
+def nothing_waiting(client):
+    """Whether no bytes from the client wait in the kernel: none came, or
+    it has closed its end (then none can come)."""
+    if not sent_something(client, 0):
+        return True
+    try:
+        return client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except OSError:  # reset: the client is gone
+        return True
 
 
 def header_arrived(client, seconds, already=b""):
