@@ -14,6 +14,7 @@ import random
 import re
 import signal
 import socket
+import struct
 import subprocess
 import textwrap
 import threading
@@ -277,6 +278,16 @@ def lingering_clients(address, count):
     finally:
         for conn in conns:
             conn.close()
+
+
+# struct tcp_info (linux/tcp.h): tcpi_data_segs_in, the segments with data received.
+TCPI_DATA_SEGS_IN = 152
+
+
+def data_segments_in(conn):
+    """The TCP segments with data that ``conn`` has received (Linux)."""
+    info = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    return struct.unpack_from("I", info, TCPI_DATA_SEGS_IN)[0]
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):

@@ -12,7 +12,6 @@ import shutil
 import signal
 import socket
 import stat
-import struct
 import subprocess
 import sys
 import tempfile
@@ -22,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (ADMIN, EGGS, REPO, Buildout, children, eventually, free_port,
-                      lingering_clients, logged_error, request, run_script, running,
-                      trickling_clients, wait_for_port, wait_until_serving)
+from conftest import (ADMIN, EGGS, REPO, Buildout, children, data_segments_in, eventually,
+                      free_port, lingering_clients, logged_error, request, run_script,
+                      running, trickling_clients, wait_for_port, wait_until_serving)
 
 LOADGEN = Path(__file__).with_name("loadgen.py")
 GRACEFUL_TIMEOUT = 10
@@ -249,8 +248,6 @@ def test_clients_slow_to_close_hold_no_worker(site, figures):
     assert answered < 1
 
 
-# struct tcp_info (linux/tcp.h): tcpi_data_segs_in, the segments with data received.
-TCPI_DATA_SEGS_IN = 152
 BIG_BODY = 200_000  # bytes: more than the sync worker joins to the head
 
 
@@ -263,8 +260,8 @@ def whole_response(address, head):
         response = b""
         while chunk := conn.recv(65536):
             response += chunk
-        info = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
-    return response, struct.unpack_from("I", info, TCPI_DATA_SEGS_IN)[0]
+        segments = data_segments_in(conn)
+    return response, segments
 
 
 def test_head_and_body_go_out_together(site, figures):

@@ -49,10 +49,10 @@ close once they have read a response that says ``Connection: close``)
 cannot still be sending either.
 
 gunicorn sends a response's head and its body with two writes, and a
-client on the same host wakes up for each.  The recipe's sync worker
-holds the head back until the first bytes of the body and sends both
-with one write, as bjoern does: one wake-up and one system call fewer
-per response.  A response without a body (``HEAD``, 304) sends
+client on the same host wakes up for each.  The recipe's workers hold
+the head back until the first bytes of the body and send both with one
+write, as bjoern does: one wake-up and one system call fewer per
+response.  A response without a body (``HEAD``, 304) sends
 its head when it ends; a body larger than ``HEAD_WITH_BODY`` bytes is sent
 after its head, rather than copied to join it.
 """
@@ -137,6 +137,17 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
 
 class ThreadWorker(ClientLimits, gthread.ThreadWorker):
     """``worker-class = plone.recipe.gunicorn.worker.ThreadWorker``."""
+
+    def handle_request(self, req, conn):
+        # gunicorn's response writes to the connection's socket, which is
+        # this thread's until the request is done.
+        sock = conn.sock
+        conn.sock = held = HeadHeldBack(sock)
+        try:
+            return super().handle_request(req, conn)
+        finally:
+            conn.sock = sock
+            held.flush()  # the head of a response without body
 
     def handle(self, conn):
         # Runs in a pool thread, for a new connection and for every request
