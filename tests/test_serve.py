@@ -192,7 +192,7 @@ def test_thread_worker_sends_head_and_body_together(filestorage, servers, figure
             conn.sendall(f"{method} / HTTP/1.1\r\nHost: x\r\n\r\n".encode())
             head, body = kept_alive_response(conn, method)
             assert head.startswith(b"HTTP/1.1 200 OK\r\n")
-            assert body == b"" if method == "HEAD" else body.rstrip().endswith(b"</html>")
+            assert (body == b"") if method == "HEAD" else body.rstrip().endswith(b"</html>")
         segments = data_segments_in(conn)
     figures(f"{' '.join(methods)} on one kept-alive connection to the FileStorage worker: "
             f"{segments} TCP segments with data")
