@@ -28,7 +28,7 @@ _FLAG_ACTIONS = {"store_true", "store_false", "store_const"}
 
 # The recipe's workers: gunicorn's sync and gthread workers, but ones that
 # clients that send nothing, trickle their headers in or are slow to close
-# cannot hold (worker.py).
+# cannot hold, and a sync worker that keeps connections alive (worker.py).
 SYNC_WORKER = "plone.recipe.gunicorn.worker.SyncWorker"
 THREAD_WORKER = "plone.recipe.gunicorn.worker.ThreadWorker"
 

@@ -29,12 +29,24 @@ The recipe's workers are gunicorn's with these changes:
   connection otherwise, as Apache's ``mod_reqtimeout`` does for its
   processes (20 s there).  gunicorn's sync worker would read on until the
   worker timeout, a gthread thread for as long as the client sends.  A
-  request that has arrived costs one look at its bytes, and the sync
-  worker one ``poll`` before and one to close (below).
+  request that has arrived costs one look at its bytes (two on a new
+  connection to the sync worker), and one more to close (below).
 
-After the response the sync worker closes the connection, and so does the
-gthread worker when the client asked for it (``Connection: close``, HTTP
-1.0).  gunicorn's close it gracefully: they half-close and wait, up to
+gunicorn's sync worker closes every connection after its response: each
+request costs the client and the server a new TCP connection, where
+waitress and bjoern keep it open for the next one (a fifth of the
+throughput on Zope's front page, measured).  The recipe's sync worker
+keeps connections alive, as the gthread worker does, but without threads:
+it waits for all of its kept connections and its listeners with one
+``epoll`` and serves one request at a time.  A kept connection belongs to
+one worker, so a slow request would hold the worker's other connections
+with it; once a request has taken ``PASS_ON_AFTER`` (50 ms), a timer
+(``SIGALRM``) passes them to the other workers over a datagram socket pair
+the master made (``SCM_RIGHTS``), and whichever is free first serves them.
+
+When a connection is not kept (the client asked for ``Connection: close``,
+HTTP 1.0, ``keepalive = 0``, TLS on the sync worker), gunicorn's workers
+close it gracefully: they half-close and wait, up to
 2 s, for the client to close its side, so that a request the client may
 still be sending cannot make the kernel reset the connection and destroy
 the response.  Meanwhile the sync worker serves no one, and the gthread
@@ -57,11 +69,18 @@ its head when it ends; a body larger than ``HEAD_WITH_BODY`` bytes is sent
 after its head, rather than copied to join it.
 """
 
+import errno
 import math
+import os
 import select
+import selectors
+import signal
 import socket
 import time
+from datetime import datetime
 
+from gunicorn import http, util
+from gunicorn.http import wsgi
 from gunicorn.http.body import LengthReader
 from gunicorn.workers import gthread, sync
 
@@ -70,6 +89,7 @@ TCP = (socket.AF_INET, socket.AF_INET6)
 HEADER_TIMEOUT = 10  # seconds for a request's header section, from its first byte
 HEADER_PEEK = 65536  # bytes of it looked at; a longer one is left to gunicorn's parser
 HEAD_WITH_BODY = 65536  # body bytes a response's head is joined to in one write
+PASS_ON_AFTER = 0.05  # seconds a request runs before the sync worker passes on its other connections
 
 
 class ClientLimits:
@@ -110,7 +130,66 @@ class ClientLimits:
 
 
 class SyncWorker(ClientLimits, sync.SyncWorker):
-    """``worker-class = plone.recipe.gunicorn.worker.SyncWorker``."""
+    """``worker-class = plone.recipe.gunicorn.worker.SyncWorker``.
+
+    Serves one request at a time, as gunicorn's sync worker does, but keeps
+    connections alive between requests (HTTP/1.1), waiting for them all with
+    one ``epoll``: a client's next request costs no new connection.  While a
+    request takes longer than ``PASS_ON_AFTER``, the worker's kept-alive
+    connections are passed (``SCM_RIGHTS``) to whichever other worker is free,
+    so that a slow request does not hold them.  Over TLS it closes each
+    connection after its request, as gunicorn's does.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)  # in the master, before the fork
+        self.passing = passing_channel()
+
+    def init_signals(self):
+        super().init_signals()
+        signal.signal(signal.SIGALRM, self.pass_on_kept)
+        signal.siginterrupt(signal.SIGALRM, False)  # system calls resume after it
+
+    def run(self):
+        if self.cfg.is_ssl:
+            return super().run()  # one connection per request, gunicorn's way
+        for listener in self.sockets:
+            listener.setblocking(False)
+        self.kept = {}  # fd: Connection, waiting for its next request
+        self.serving = False  # a request is in the application
+        self.poller = selectors.DefaultSelector()
+        for listener in self.sockets:
+            self.poller.register(listener, selectors.EVENT_READ, listener)
+        self.poller.register(self.PIPE[0], selectors.EVENT_READ, WOKEN)
+        self.poller.register(self.passing[1], selectors.EVENT_READ, PASSED)
+        try:
+            while self.alive:
+                self.notify()
+                for key, _ in self.poller.select(self.wait_time()):
+                    if not self.alive:
+                        break
+                    if isinstance(key.data, Connection):
+                        # Not passed on meanwhile (its number may be reused).
+                        if self.kept.get(key.fd) is key.data:
+                            self.serve(self.take(key.fd))
+                    elif key.data is WOKEN:
+                        drain(self.PIPE[0])
+                    elif key.data is PASSED:
+                        self.take_passed()
+                    else:
+                        self.accept_one(key.data)
+                self.close_idle()
+                if not self.is_parent_alive():
+                    break
+            self.serve_arrived()  # a graceful stop (TERM, HUP, max-requests)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            self.pass_on()  # to the workers that stay, or that replace this one
+            for fd in list(self.kept):
+                self.take(fd).sock.close()
+            self.poller.close()
+
+    # Over TLS, gunicorn's loop: one connection per request.
 
     def handle(self, listener, client, addr):
         if not sent_something(client, self.request_wait):
@@ -129,10 +208,249 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
             super().handle_request(listener, req, held, addr)
         finally:
             held.flush()  # the head of a response without body
-        # gunicorn's handle() then closes gracefully; on a closed socket
-        # that is a no-op.
-        if self.may_close_at_once(req, client):
+
+    # Over TCP and unix sockets: the recipe's loop, with keep-alive.
+
+    def wait_time(self):
+        """Seconds until the master's heartbeat is due or a connection's wait ends."""
+        wait = self.timeout or 0.5
+        if self.kept:
+            until = min(conn.deadline for conn in self.kept.values())
+            wait = max(0, min(wait, until - time.monotonic()))
+        return wait
+
+    def accept_one(self, listener):
+        try:
+            client, addr = listener.accept()
+        except OSError as e:  # another worker took it, or the client left
+            if e.errno in (errno.EAGAIN, errno.ECONNABORTED):
+                return
+            raise
+        client.setblocking(True)
+        util.close_on_exec(client)
+        conn = Connection(client, addr, listener.getsockname())
+        arrived = has_arrived(client)
+        if arrived is None:  # closed, or reset, before it sent anything
             client.close()
+        elif arrived:  # the usual case with TCP_DEFER_ACCEPT
+            self.serve(conn)
+        else:
+            self.keep(conn, self.request_wait)
+
+    def take_passed(self):
+        """A connection another worker passed on, if none took it first."""
+        try:
+            _, fds, _, _ = socket.recv_fds(self.passing[1], 1, 1,
+                                           socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+        except BlockingIOError:
+            return
+        for fd in fds:
+            sock = socket.socket(fileno=fd)
+            sock.setblocking(True)  # as accepted, for gunicorn's parser
+            try:
+                conn = Connection(sock, sock.getpeername(), sock.getsockname())
+            except OSError:  # the client has gone meanwhile
+                sock.close()
+                continue
+            self.keep(conn, self.cfg.keepalive)
+
+    def serve(self, conn):
+        """Serve the request that has arrived on ``conn``, then keep the
+        connection for the next one or close it."""
+        while True:
+            if self.headers_too_slow(conn.sock, conn.addr, conn.read_ahead()):
+                conn.sock.close()  # at once: it would not close its end
+                return
+            req, keep = self.serve_one(conn)
+            # A request sent along with the last one (pipelined) is read
+            # already: the socket will not say it is there.
+            if not (keep and conn.read_ahead()):
+                break
+        if keep:
+            self.keep(conn, self.cfg.keepalive)
+        elif req is not None and self.may_close_at_once(req, conn.sock):
+            conn.sock.close()
+        else:
+            util.close_graceful(conn.sock)
+
+    def serve_one(self, conn):
+        """The request served (None if none was read) and whether the
+        connection may be kept: gunicorn's sync ``handle``."""
+        req = None
+        try:
+            if conn.parser is None:
+                conn.parser = http.get_parser(self.cfg, conn.sock, conn.addr)
+            req = next(conn.parser)
+            keep = self.keep_alive_request(conn, req)
+            # A body the application left unread would be read as the next
+            # request: close, gracefully, rather than read it.
+            return req, keep and body_read(req)
+        except http.errors.NoMoreData as e:
+            self.log.debug("Ignored premature client disconnection. %s", e)
+        except StopIteration as e:
+            self.log.debug("Closing connection. %s", e)
+        except OSError as e:
+            if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                self.log.exception("Socket error processing request.")
+        except BaseException as e:
+            self.handle_error(req, conn.sock, conn.addr, e)
+        return req, False
+
+    def keep_alive_request(self, conn, req):
+        """gunicorn's sync ``handle_request``, with keep-alive as in its gthread
+        worker: whether the connection stays open."""
+        environ, resp = {}, None
+        held = HeadHeldBack(conn.sock)
+        try:
+            self.cfg.pre_request(self, req)
+            request_start = datetime.now()
+            resp, environ = wsgi.create(req, held, conn.addr, conn.server, self.cfg)
+            self.nr += 1
+            if self.nr >= self.max_requests:
+                if self.alive:
+                    self.log.info("Autorestarting worker after current request.")
+                self.alive = False
+            # A worker on its way out passes its kept connections on.
+            if (not self.cfg.keepalive or not self.alive and self.cfg.workers < 2
+                    or len(self.kept) >= self.cfg.worker_connections - 1):
+                resp.force_close()
+            self.serving = True
+            if self.kept and self.cfg.workers > 1:  # a slow request passes them on
+                signal.setitimer(signal.ITIMER_REAL, PASS_ON_AFTER)
+            respiter = self.wsgi(environ, resp.start_response)
+            try:
+                if isinstance(respiter, environ["wsgi.file_wrapper"]):
+                    resp.write_file(respiter)
+                else:
+                    for item in respiter:
+                        resp.write(item)
+                resp.close()
+            finally:
+                self.log.access(resp, req, environ, datetime.now() - request_start)
+                if hasattr(respiter, "close"):
+                    respiter.close()
+            return not resp.should_close()
+        except OSError:  # the client's: serve_one tells
+            raise
+        except (Exception, SystemExit):
+            if resp is not None and resp.headers_sent:
+                # Timeout abort is SystemExit.  The response has begun: a 500
+                # on the same socket would corrupt it.
+                self.log.exception("Error handling request")
+                return False
+            raise
+        finally:
+            if self.serving:
+                self.serving = False
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            held.flush()  # the head of a response without body
+            try:
+                self.cfg.post_request(self, req, environ, resp)
+            except Exception:
+                self.log.exception("Exception in post_request hook")
+
+    def pass_on_kept(self, signum, frame):
+        """SIGALRM: the request being served has taken ``PASS_ON_AFTER``.  Pass
+        the kept-alive connections to the other workers, so that their next
+        requests need not wait for it."""
+        if self.serving:
+            self.pass_on()
+
+    def pass_on(self):
+        """Pass the kept connections to whichever other worker is free first."""
+        if self.cfg.workers < 2:
+            return
+        for fd, conn in list(self.kept.items()):
+            if not conn.movable():
+                continue
+            try:
+                socket.send_fds(self.passing[0], [b"c"], [fd], socket.MSG_DONTWAIT)
+            except OSError:  # the channel is full: keep the rest
+                break
+            self.take(fd).sock.close()  # the kernel keeps it for the receiver
+
+    def keep(self, conn, seconds):
+        """Wait for the connection's next request for up to ``seconds``."""
+        conn.deadline = time.monotonic() + seconds
+        self.kept[conn.sock.fileno()] = conn
+        self.poller.register(conn.sock, selectors.EVENT_READ, conn)
+
+    def take(self, fd):
+        """A kept connection, no longer waited for."""
+        conn = self.kept.pop(fd)
+        self.poller.unregister(fd)
+        return conn
+
+    def close_idle(self):
+        """Close the connections that sent nothing in their time."""
+        now = time.monotonic()
+        for fd, conn in list(self.kept.items()):
+            if conn.deadline <= now:
+                self.take(fd).sock.close()
+
+    def serve_arrived(self):
+        """On the way out: serve the requests that have arrived on kept
+        connections."""
+        for fd in list(self.kept):
+            if has_arrived(self.kept[fd].sock):
+                self.serve(self.take(fd))
+
+
+class Connection:
+    """A client connection the sync worker keeps between its requests."""
+
+    __slots__ = ("sock", "addr", "server", "parser", "deadline")
+
+    def __init__(self, sock, addr, server):
+        self.sock, self.addr, self.server = sock, addr, server
+        self.parser = None  # gunicorn's, made for its first request
+        self.deadline = 0.0
+
+    def read_ahead(self):
+        """Bytes of the next request read with the last one (pipelining)."""
+        return self.parser.unreader.buf.getvalue() if self.parser is not None else b""
+
+    def movable(self):
+        """Whether another process can take the connection over: the last
+        request's body was read to its end and nothing beyond it."""
+        req = self.parser.mesg if self.parser is not None else None
+        return (req is None or body_read(req)) and not self.read_ahead()
+
+
+WOKEN = object()  # the worker's signal pipe
+PASSED = object()  # the channel of connections passed on
+
+
+def passing_channel():
+    """The master's channel for kept-alive connections one worker passes on
+    to the others: a datagram socket pair, both ends shared by all workers."""
+    global _passing
+    if _passing is None:
+        _passing = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        for end in _passing:
+            end.setblocking(False)
+    return _passing
+
+
+_passing = None
+
+
+def drain(fd):
+    try:
+        os.read(fd, 64)
+    except OSError:
+        pass
+
+
+def has_arrived(sock):
+    """Whether bytes from the client are there (True), not yet (False), or
+    the client has closed or reset the connection (None)."""
+    try:
+        return True if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) else None
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
 
 
 class ThreadWorker(ClientLimits, gthread.ThreadWorker):
@@ -220,10 +538,15 @@ def shut_down(sock):
 
 def nothing_more_to_come(req, client):
     """Whether the client has sent all it meant to: closing cannot reset."""
-    body = req.body.reader
-    return (isinstance(body, LengthReader) and body.length == 0  # body read to its end
+    return (body_read(req)
             and not req.unreader.buf.getvalue()  # nothing read beyond it
             and nothing_waiting(client))  # nor in the kernel
+
+
+def body_read(req):
+    """Whether the request's body was read to its end (none is, as well)."""
+    body = req.body.reader
+    return isinstance(body, LengthReader) and body.length == 0
 
 
 def nothing_waiting(client):
