@@ -43,6 +43,13 @@ one worker, so a slow request would hold the worker's other connections
 with it; once a request has taken ``PASS_ON_AFTER`` (50 ms), a timer
 (``SIGALRM``) passes them to the other workers over a datagram socket pair
 the master made (``SCM_RIGHTS``), and whichever is free first serves them.
+Kept connections also wait while their worker waits for a core: so only
+as many sync workers as there are cores keep connections, and the others
+(one, by the recipe's default of cores + 1) stand by, closing each
+connection after its response.  Under steady load the keepers end up
+with all of them and the one standing by idles, leaving the cores to the
+others; it serves new connections and passed ones when the keepers are
+busy or held by slow requests.
 
 When a connection is not kept (the client asked for ``Connection: close``,
 HTTP 1.0, ``keepalive = 0``, TLS on the sync worker), gunicorn's workers
@@ -70,12 +77,14 @@ after its head, rather than copied to join it.
 """
 
 import errno
+import fcntl
 import math
 import os
 import select
 import selectors
 import signal
 import socket
+import tempfile
 import time
 from datetime import datetime
 
@@ -90,6 +99,7 @@ HEADER_TIMEOUT = 10  # seconds for a request's header section, from its first by
 HEADER_PEEK = 65536  # bytes of it looked at; a longer one is left to gunicorn's parser
 HEAD_WITH_BODY = 65536  # body bytes a response's head is joined to in one write
 PASS_ON_AFTER = 0.05  # seconds a request runs before the sync worker passes on its other connections
+KEEPER_RETRY = 1.0  # seconds between a standing-by sync worker's tries for a keeper's slot
 
 
 class ClientLimits:
@@ -137,13 +147,15 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
     one ``epoll``: a client's next request costs no new connection.  While a
     request takes longer than ``PASS_ON_AFTER``, the worker's kept-alive
     connections are passed (``SCM_RIGHTS``) to whichever other worker is free,
-    so that a slow request does not hold them.  Over TLS it closes each
-    connection after its request, as gunicorn's does.
+    so that a slow request does not hold them.  Workers beyond one per core
+    stand by: they close each connection after its response.  Over TLS each
+    connection is closed after its request, as gunicorn's worker does.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)  # in the master, before the fork
         self.passing = passing_channel()
+        self.slots = keeper_slots(self.cfg.worker_tmp_dir)
 
     def init_signals(self):
         super().init_signals()
@@ -156,6 +168,9 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
         for listener in self.sockets:
             listener.setblocking(False)
         self.kept = {}  # fd: Connection, waiting for its next request
+        self.keeper = False  # holds a keeper's slot: may keep connections
+        self.next_try = 0.0
+        self.try_to_keep()
         self.serving = False  # a request is in the application
         self.poller = selectors.DefaultSelector()
         for listener in self.sockets:
@@ -165,7 +180,10 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
         try:
             while self.alive:
                 self.notify()
-                for key, _ in self.poller.select(self.wait_time()):
+                events = self.poller.select(self.wait_time())
+                if not self.keeper and time.monotonic() >= self.next_try:
+                    self.try_to_keep()  # before serving: a slot freed meanwhile
+                for key, _ in events:
                     if not self.alive:
                         break
                     if isinstance(key.data, Connection):
@@ -210,6 +228,22 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
             held.flush()  # the head of a response without body
 
     # Over TCP and unix sockets: the recipe's loop, with keep-alive.
+
+    def try_to_keep(self):
+        """Take a keeper's slot, if one is free: as many workers as cores
+        keep connections, the others stand by.  A slot is a POSIX lock on
+        one byte of the master's file, which the kernel frees when its
+        worker dies; a worker without one tries again after
+        ``KEEPER_RETRY`` seconds (after a HUP the old workers hold them
+        until they stop)."""
+        for slot in range(min(self.cfg.workers, cores())):
+            try:
+                fcntl.lockf(self.slots, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, slot)
+            except OSError:  # another worker's
+                continue
+            self.keeper = True
+            return
+        self.next_try = time.monotonic() + KEEPER_RETRY
 
     def wait_time(self):
         """Seconds until the master's heartbeat is due or a connection's wait ends."""
@@ -311,7 +345,8 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
                     self.log.info("Autorestarting worker after current request.")
                 self.alive = False
             # A worker on its way out passes its kept connections on.
-            if (not self.cfg.keepalive or not self.alive and self.cfg.workers < 2
+            if (not self.cfg.keepalive or not self.keeper
+                    or not self.alive and self.cfg.workers < 2
                     or len(self.kept) >= self.cfg.worker_connections - 1):
                 resp.force_close()
             self.serving = True
@@ -433,6 +468,22 @@ def passing_channel():
 
 
 _passing = None
+
+
+def keeper_slots(directory):
+    """The master's file whose bytes the workers lock as keepers' slots."""
+    global _slots
+    if _slots is None:
+        _slots = tempfile.TemporaryFile(dir=directory)
+    return _slots
+
+
+_slots = None
+
+
+def cores():
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def drain(fd):
