@@ -284,6 +284,20 @@ def lingering_clients(address, count):
 TCPI_DATA_SEGS_IN = 152
 
 
+def read_response(reader, method="GET"):
+    """One whole response from ``reader`` (a kept-alive connection's
+    ``makefile("rb")``): its status line, header fields and body (by
+    Content-Length; none for HEAD)."""
+    status = reader.readline().decode("latin-1").rstrip("\r\n")
+    assert status, "connection closed"
+    fields = {}
+    while (line := reader.readline().decode("latin-1").rstrip("\r\n")):
+        name, _, value = line.partition(":")
+        fields[name.lower()] = value.strip()
+    length = int(fields.get("content-length", 0)) if method != "HEAD" else 0
+    return status, fields, reader.read(length)
+
+
 def data_segments_in(conn):
     """The TCP segments with data that ``conn`` has received (Linux)."""
     info = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (ADMIN, EGGS, REPO, Buildout, children, data_segments_in, eventually,
-                      free_port, lingering_clients, logged_error, request, run_script,
+                      free_port, lingering_clients, logged_error, read_response, request, run_script,
                       running, trickling_clients, wait_for_port, wait_until_serving)
 
 LOADGEN = Path(__file__).with_name("loadgen.py")
@@ -306,20 +306,6 @@ def whole_response(address, head):
             response += chunk
         segments = data_segments_in(conn)
     return response, segments
-
-
-def read_response(reader, method="GET"):
-    """One whole response from ``reader`` (a kept-alive connection's
-    ``makefile("rb")``): its status line, header fields and body (by
-    Content-Length; none for HEAD)."""
-    status = reader.readline().decode("latin-1").rstrip("\r\n")
-    assert status, "connection closed"
-    fields = {}
-    while (line := reader.readline().decode("latin-1").rstrip("\r\n")):
-        name, _, value = line.partition(":")
-        fields[name.lower()] = value.strip()
-    length = int(fields.get("content-length", 0)) if method != "HEAD" else 0
-    return status, fields, reader.read(length)
 
 
 def server_process_of(conn, pids):

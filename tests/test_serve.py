@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (ADMIN, REPO, data_segments_in, eventually, free_port,
+from conftest import (ADMIN, REPO, data_segments_in, eventually, free_port, read_response,
                       lingering_clients, request, trickling_clients, wait_for_port,
                       wait_until_serving)
 
@@ -160,22 +160,6 @@ def test_client_slow_to_close_stalls_no_thread(filestorage, servers, figures):
     assert server.stop() == 0
 
 
-def kept_alive_response(conn, method):
-    """Read one response from a kept-alive connection: its head, and as
-    many body bytes as its ``Content-Length`` says (none for ``HEAD``)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = conn.recv(65536)
-        assert chunk, f"the server closed the connection: {data!r}"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = 0 if method == "HEAD" else int(
-        re.search(rb"(?im)^content-length:\s*(\d+)", head).group(1))
-    while len(body) < length:
-        body += conn.recv(65536)
-    return head, body
-
-
 def test_thread_worker_sends_head_and_body_together(filestorage, servers, figures):
     """As the sync worker (tests/test_faults.py), the recipe's gthread worker
     sends a response's head and body in one write, on a kept-alive
@@ -188,10 +172,11 @@ def test_thread_worker_sends_head_and_body_together(filestorage, servers, figure
     host, _, port = address.rpartition(":")
     methods = ["GET", "GET", "HEAD", "GET"]
     with socket.create_connection((host, int(port)), timeout=10) as conn:
+        reader = conn.makefile("rb")
         for method in methods:
             conn.sendall(f"{method} / HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            head, body = kept_alive_response(conn, method)
-            assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+            status, _, body = read_response(reader, method)
+            assert status == "HTTP/1.1 200 OK"
             assert (body == b"") if method == "HEAD" else body.rstrip().endswith(b"</html>")
         segments = data_segments_in(conn)
     figures(f"{' '.join(methods)} on one kept-alive connection to the FileStorage worker: "

@@ -349,8 +349,9 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
                     or not self.alive and self.cfg.workers < 2
                     or len(self.kept) >= self.cfg.worker_connections - 1):
                 resp.force_close()
+            timed = bool(self.kept) and self.cfg.workers > 1
             self.serving = True
-            if self.kept and self.cfg.workers > 1:  # a slow request passes them on
+            if timed:  # a slow request passes them on
                 signal.setitimer(signal.ITIMER_REAL, PASS_ON_AFTER)
             respiter = self.wsgi(environ, resp.start_response)
             try:
@@ -377,7 +378,8 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
         finally:
             if self.serving:
                 self.serving = False
-                signal.setitimer(signal.ITIMER_REAL, 0)
+                if timed:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
             held.flush()  # the head of a response without body
             try:
                 self.cfg.post_request(self, req, environ, resp)
@@ -395,9 +397,7 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
         """Pass the kept connections to whichever other worker is free first."""
         if self.cfg.workers < 2:
             return
-        for fd, conn in list(self.kept.items()):
-            if not conn.movable():
-                continue
+        for fd in list(self.kept):
             try:
                 socket.send_fds(self.passing[0], [b"c"], [fd], socket.MSG_DONTWAIT)
             except OSError:  # the channel is full: keep the rest
@@ -405,7 +405,10 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
             self.take(fd).sock.close()  # the kernel keeps it for the receiver
 
     def keep(self, conn, seconds):
-        """Wait for the connection's next request for up to ``seconds``."""
+        """Wait for the connection's next request for up to ``seconds``.
+        Nothing of that request has been read (``serve`` goes on with a
+        pipelined one, and keeps no connection with a body left unread):
+        all of it is in the kernel, so any worker can take the connection."""
         conn.deadline = time.monotonic() + seconds
         self.kept[conn.sock.fileno()] = conn
         self.poller.register(conn.sock, selectors.EVENT_READ, conn)
@@ -444,12 +447,6 @@ class Connection:
     def read_ahead(self):
         """Bytes of the next request read with the last one (pipelining)."""
         return self.parser.unreader.buf.getvalue() if self.parser is not None else b""
-
-    def movable(self):
-        """Whether another process can take the connection over: the last
-        request's body was read to its end and nothing beyond it."""
-        req = self.parser.mesg if self.parser is not None else None
-        return (req is None or body_read(req)) and not self.read_ahead()
 
 
 WOKEN = object()  # the worker's signal pipe
