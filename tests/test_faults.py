@@ -396,6 +396,28 @@ def test_pipelined_requests_are_answered_and_keep_alive_0_closes(zeo, site, serv
 SLOW_LOOP = 400_000  # DTML loop turns: about a second on this machine
 
 
+def two_kept_by_one_worker(site, conns, readers):
+    """The worker that keeps two of the connections opened (into ``conns``,
+    read through ``readers``), and those two."""
+    host, _, port = site.address.rpartition(":")
+    workers = site.gunicorn.workers()
+    held = {}
+    # Of two workers one keeps connections, the other stands by and
+    # closes them: open connections until the keeper holds two.
+    while max(map(len, held.values()), default=0) < 2:
+        assert len(conns) < 40, held
+        conns.append(conn := socket.create_connection((host, int(port)), timeout=60))
+        readers[conn] = conn.makefile("rb")
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, fields, _ = read_response(readers[conn])
+        assert status == "HTTP/1.1 200 OK"
+        if fields["connection"] == "keep-alive":
+            held.setdefault(server_process_of(conn, workers), []).append(conn)
+    worker, (first, second, *_) = max(held.items(), key=lambda item: len(item[1]))
+    assert worker in workers, held
+    return worker, first, second
+
+
 def test_a_slow_request_does_not_hold_its_workers_other_connections(site, figures):
     """A kept-alive connection waits in the worker that served it.  When that
     worker is held by a slow request, its other connections are passed to a
@@ -405,23 +427,10 @@ def test_a_slow_request_does_not_hold_its_workers_other_connections(site, figure
                                f'<dtml-in expr="_.range({SLOW_LOOP})"></dtml-in>slow')}),
                            auth=ADMIN)
     assert status in (200, 302, 400), (status, text[:300])  # 400: exists from an earlier test
-    host, _, port = site.address.rpartition(":")
     workers = site.gunicorn.workers()
-    conns, readers, held = [], {}, {}
+    conns, readers = [], {}
     try:
-        # Of two workers one keeps connections, the other stands by and
-        # closes them: open connections until the keeper holds two.
-        while max(map(len, held.values()), default=0) < 2:
-            assert len(conns) < 40, held
-            conns.append(conn := socket.create_connection((host, int(port)), timeout=60))
-            readers[conn] = conn.makefile("rb")
-            conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            status, fields, _ = read_response(readers[conn])
-            assert status == "HTTP/1.1 200 OK"
-            if fields["connection"] == "keep-alive":
-                held.setdefault(server_process_of(conn, workers), []).append(conn)
-        worker, (slow, fast, *_) = max(held.items(), key=lambda item: len(item[1]))
-        assert worker in workers, held
+        worker, slow, fast = two_kept_by_one_worker(site, conns, readers)
         began = time.monotonic()
         slow.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
         time.sleep(0.2)
@@ -443,6 +452,39 @@ def test_a_slow_request_does_not_hold_its_workers_other_connections(site, figure
     # Without passing it on, the answer would wait for the slow request.
     assert fast_took < slow_took / 3
     assert now_held_by != worker  # the other's, or closed by it (standing by)
+
+
+def test_a_request_that_waits_does_not_hold_its_workers_other_connections(site, figures):
+    """A request can be slow without computing: here its body trickles in
+    and the worker waits for it, using no CPU.  Its worker's other kept
+    connections are passed on all the same (after ``PASS_ON_AFTER``)."""
+    workers = site.gunicorn.workers()
+    conns, readers = [], {}
+    body = urllib.parse.urlencode({"x": "y" * 98}).encode()
+    try:
+        worker, waiting, fast = two_kept_by_one_worker(site, conns, readers)
+        waiting.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                        b"application/x-www-form-urlencoded\r\nContent-Length: "
+                        + str(len(body)).encode() + b"\r\n\r\n" + body[:10])
+        time.sleep(0.2)
+        sent = time.monotonic()
+        fast.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        fast_status = read_response(readers[fast])[0]
+        fast_took = time.monotonic() - sent
+        now_held_by = server_process_of(fast, workers)
+        time.sleep(max(0, 1.0 - fast_took))  # the body's end comes a second later
+        waiting.sendall(body[10:])
+        waiting_status = read_response(readers[waiting])[0]
+        waiting_took = time.monotonic() - sent + 0.2
+    finally:
+        for conn in conns:
+            conn.close()
+    figures(f"a request whose body came in {waiting_took:.2f}s on one of worker {worker}'s "
+            f"kept-alive connections; another of them answered {fast_took * 1000:.0f}ms "
+            f"after its request, by worker {now_held_by}")
+    assert waiting_status == fast_status == "HTTP/1.1 200 OK"
+    assert fast_took < 0.5  # not the second the body took
+    assert now_held_by != worker
 
 
 def test_head_and_body_go_out_together(site, figures):

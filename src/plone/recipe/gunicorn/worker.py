@@ -40,9 +40,13 @@ keeps connections alive, as the gthread worker does, but without threads:
 it waits for all of its kept connections and its listeners with one
 ``epoll`` and serves one request at a time.  A kept connection belongs to
 one worker, so a slow request would hold the worker's other connections
-with it; once a request has taken ``PASS_ON_AFTER`` (50 ms), a timer
-(``SIGALRM``) passes them to the other workers over a datagram socket pair
-the master made (``SCM_RIGHTS``), and whichever is free first serves them.
+with it; once a request has taken ``PASS_ON_AFTER_CPU`` of CPU (10 ms) or
+``PASS_ON_AFTER`` in all (50 ms, for one that waits, on a database, a
+client, a core), a timer (``SIGPROF``, ``SIGALRM``) passes them to the
+other workers over a datagram socket pair the master made
+(``SCM_RIGHTS``), and whichever is free first serves them.  A request
+that waits 10 ms for a core under full load has not computed for 10 ms:
+counted in CPU, only slow pages pass connections on early.
 Kept connections also wait while their worker waits for a core: so only
 as many sync workers as there are cores keep connections, and the others
 (one, by the recipe's default of cores + 1) stand by, closing each
@@ -98,7 +102,8 @@ TCP = (socket.AF_INET, socket.AF_INET6)
 HEADER_TIMEOUT = 10  # seconds for a request's header section, from its first byte
 HEADER_PEEK = 65536  # bytes of it looked at; a longer one is left to gunicorn's parser
 HEAD_WITH_BODY = 65536  # body bytes a response's head is joined to in one write
-PASS_ON_AFTER = 0.05  # seconds a request runs before the sync worker passes on its other connections
+PASS_ON_AFTER_CPU = 0.01  # seconds of CPU a request takes before the sync worker passes
+PASS_ON_AFTER = 0.05  # on its other connections, or seconds it takes in all
 KEEPER_RETRY = 1.0  # seconds between a standing-by sync worker's tries for a keeper's slot
 
 
@@ -145,9 +150,9 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
     Serves one request at a time, as gunicorn's sync worker does, but keeps
     connections alive between requests (HTTP/1.1), waiting for them all with
     one ``epoll``: a client's next request costs no new connection.  While a
-    request takes longer than ``PASS_ON_AFTER``, the worker's kept-alive
-    connections are passed (``SCM_RIGHTS``) to whichever other worker is free,
-    so that a slow request does not hold them.  Workers beyond one per core
+    request takes longer than ``PASS_ON_AFTER_CPU`` or ``PASS_ON_AFTER``, the
+    worker's kept-alive connections are passed (``SCM_RIGHTS``) to whichever
+    other worker is free, so that a slow request does not hold them.  Workers beyond one per core
     stand by: they close each connection after its response.  Over TLS each
     connection is closed after its request, as gunicorn's worker does.
     """
@@ -159,8 +164,13 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
 
     def init_signals(self):
         super().init_signals()
-        signal.signal(signal.SIGALRM, self.pass_on_kept)
-        signal.siginterrupt(signal.SIGALRM, False)  # system calls resume after it
+        for signum in PASS_ON_SIGNALS:
+            signal.signal(signum, self.pass_on_kept)
+            # A request waiting in a system call (reading a body that
+            # trickles in) returns from it, Python runs the handler, then
+            # makes the call again (PEP 475).  Restarted by the kernel, the
+            # call would hold the handler until the wait was over.
+            signal.siginterrupt(signum, True)
 
     def run(self):
         if self.cfg.is_ssl:
@@ -201,7 +211,7 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
                     break
             self.serve_arrived()  # a graceful stop (TERM, HUP, max-requests)
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+            stop_timers()
             self.pass_on()  # to the workers that stay, or that replace this one
             for fd in list(self.kept):
                 self.take(fd).sock.close()
@@ -352,6 +362,7 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
             timed = bool(self.kept) and self.cfg.workers > 1
             self.serving = True
             if timed:  # a slow request passes them on
+                signal.setitimer(signal.ITIMER_PROF, PASS_ON_AFTER_CPU)
                 signal.setitimer(signal.ITIMER_REAL, PASS_ON_AFTER)
             respiter = self.wsgi(environ, resp.start_response)
             try:
@@ -379,7 +390,7 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
             if self.serving:
                 self.serving = False
                 if timed:
-                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    stop_timers()
             held.flush()  # the head of a response without body
             try:
                 self.cfg.post_request(self, req, environ, resp)
@@ -387,9 +398,10 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
                 self.log.exception("Exception in post_request hook")
 
     def pass_on_kept(self, signum, frame):
-        """SIGALRM: the request being served has taken ``PASS_ON_AFTER``.  Pass
-        the kept-alive connections to the other workers, so that their next
-        requests need not wait for it."""
+        """SIGPROF, SIGALRM: the request being served has taken
+        ``PASS_ON_AFTER_CPU`` or ``PASS_ON_AFTER``.  Pass the kept-alive
+        connections to the other workers, so that their next requests need
+        not wait for it (the other timer then finds none)."""
         if self.serving:
             self.pass_on()
 
@@ -451,6 +463,13 @@ class Connection:
 
 WOKEN = object()  # the worker's signal pipe
 PASSED = object()  # the channel of connections passed on
+# The timers' signals: CPU the process used (user and system), time in all.
+PASS_ON_SIGNALS = (signal.SIGPROF, signal.SIGALRM)
+
+
+def stop_timers():
+    signal.setitimer(signal.ITIMER_PROF, 0)
+    signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def passing_channel():
