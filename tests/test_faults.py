@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -455,27 +456,40 @@ def test_a_slow_request_does_not_hold_its_workers_other_connections(site, figure
 
 
 def test_a_request_that_waits_does_not_hold_its_workers_other_connections(site, figures):
-    """A request can be slow without computing: here its body trickles in
-    and the worker waits for it, using no CPU.  Its worker's other kept
-    connections are passed on all the same (after ``PASS_ON_AFTER``)."""
+    """A request can be slow without computing: here its body trickles in,
+    a byte every 0.1 s, and the worker waits for it, using no CPU.  Its
+    worker's other kept connections are passed on all the same (after
+    ``PASS_ON_AFTER``, once a read returns: system calls resume after the
+    timer's signal)."""
     workers = site.gunicorn.workers()
     conns, readers = [], {}
     body = urllib.parse.urlencode({"x": "y" * 98}).encode()
+
+    def trickle(sock):
+        for byte in body[:10]:
+            time.sleep(0.1)
+            sock.sendall(bytes([byte]))
+        sock.sendall(body[10:])
+
     try:
         worker, waiting, fast = two_kept_by_one_worker(site, conns, readers)
+        began = time.monotonic()
         waiting.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: "
                         b"application/x-www-form-urlencoded\r\nContent-Length: "
-                        + str(len(body)).encode() + b"\r\n\r\n" + body[:10])
-        time.sleep(0.2)
-        sent = time.monotonic()
-        fast.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        fast_status = read_response(readers[fast])[0]
-        fast_took = time.monotonic() - sent
-        now_held_by = server_process_of(fast, workers)
-        time.sleep(max(0, 1.0 - fast_took))  # the body's end comes a second later
-        waiting.sendall(body[10:])
+                        + str(len(body)).encode() + b"\r\n\r\n")
+        sender = threading.Thread(target=trickle, args=(waiting,))
+        sender.start()
+        try:
+            time.sleep(0.2)
+            sent = time.monotonic()
+            fast.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            fast_status = read_response(readers[fast])[0]
+            fast_took = time.monotonic() - sent
+            now_held_by = server_process_of(fast, workers)
+        finally:
+            sender.join()
         waiting_status = read_response(readers[waiting])[0]
-        waiting_took = time.monotonic() - sent + 0.2
+        waiting_took = time.monotonic() - began
     finally:
         for conn in conns:
             conn.close()

@@ -166,11 +166,11 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
         super().init_signals()
         for signum in PASS_ON_SIGNALS:
             signal.signal(signum, self.pass_on_kept)
-            # A request waiting in a system call (reading a body that
-            # trickles in) returns from it, Python runs the handler, then
-            # makes the call again (PEP 475).  Restarted by the kernel, the
-            # call would hold the handler until the wait was over.
-            signal.siginterrupt(signum, True)
+            # System calls resume after it (SA_RESTART): a database client
+            # library in C need not cope with EINTR.  A wait in poll or on
+            # a lock (the ZEO client's) runs the handler at once, a read
+            # from a socket once bytes arrive.
+            signal.siginterrupt(signum, False)
 
     def run(self):
         if self.cfg.is_ssl:
