@@ -41,9 +41,9 @@ it waits for all of its kept connections and its listeners with one
 ``epoll`` and serves one request at a time.  A kept connection belongs to
 one worker, so a slow request would hold the worker's other connections
 with it; once a request has taken ``PASS_ON_AFTER_CPU`` of CPU (10 ms) or
-``PASS_ON_AFTER`` in all (50 ms, for one that waits, on a database, a
-client, a core), a timer (``SIGPROF``, ``SIGALRM``) passes them to the
-other workers over a datagram socket pair the master made
+``PASS_ON_AFTER`` in all (50 ms, for one that waits: on the ZEO server,
+a client, a core), a timer (``SIGALRM``, looking every 10 ms) passes them
+to the other workers over a datagram socket pair the master made
 (``SCM_RIGHTS``), and whichever is free first serves them.  A request
 that waits 10 ms for a core under full load has not computed for 10 ms:
 counted in CPU, only slow pages pass connections on early.
@@ -152,9 +152,10 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
     one ``epoll``: a client's next request costs no new connection.  While a
     request takes longer than ``PASS_ON_AFTER_CPU`` or ``PASS_ON_AFTER``, the
     worker's kept-alive connections are passed (``SCM_RIGHTS``) to whichever
-    other worker is free, so that a slow request does not hold them.  Workers beyond one per core
-    stand by: they close each connection after its response.  Over TLS each
-    connection is closed after its request, as gunicorn's worker does.
+    other worker is free, so that a slow request does not hold them.  Workers
+    beyond one per core stand by: they close each connection after its
+    response.  Over TLS each connection is closed after its request, as
+    gunicorn's worker does.
     """
 
     def __init__(self, *args, **kwargs):
@@ -164,13 +165,13 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
 
     def init_signals(self):
         super().init_signals()
-        for signum in PASS_ON_SIGNALS:
-            signal.signal(signum, self.pass_on_kept)
-            # System calls resume after it (SA_RESTART): a database client
-            # library in C need not cope with EINTR.  A wait in poll or on
-            # a lock (the ZEO client's) runs the handler at once, a read
-            # from a socket once bytes arrive.
-            signal.siginterrupt(signum, False)
+        signal.signal(signal.SIGALRM, self.pass_on_kept)
+        # System calls resume after it (SA_RESTART): a database client
+        # library in C need not cope with EINTR.  A wait in poll or on a
+        # lock (the ZEO client's) runs the handler at once, a read from a
+        # socket once bytes arrive, a C library's wait (libpq's) once it
+        # returns.
+        signal.siginterrupt(signal.SIGALRM, False)
 
     def run(self):
         if self.cfg.is_ssl:
@@ -181,7 +182,8 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
         self.keeper = False  # holds a keeper's slot: may keep connections
         self.next_try = 0.0
         self.try_to_keep()
-        self.serving = False  # a request is in the application
+        self.armed = False  # the timer runs for the request in the application
+        self.began = (0.0, 0.0)  # its start: time.monotonic(), time.thread_time()
         self.poller = selectors.DefaultSelector()
         for listener in self.sockets:
             self.poller.register(listener, selectors.EVENT_READ, listener)
@@ -211,7 +213,7 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
                     break
             self.serve_arrived()  # a graceful stop (TERM, HUP, max-requests)
         finally:
-            stop_timers()
+            signal.setitimer(signal.ITIMER_REAL, 0)
             self.pass_on()  # to the workers that stay, or that replace this one
             for fd in list(self.kept):
                 self.take(fd).sock.close()
@@ -359,11 +361,10 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
                     or not self.alive and self.cfg.workers < 2
                     or len(self.kept) >= self.cfg.worker_connections - 1):
                 resp.force_close()
-            timed = bool(self.kept) and self.cfg.workers > 1
-            self.serving = True
-            if timed:  # a slow request passes them on
-                signal.setitimer(signal.ITIMER_PROF, PASS_ON_AFTER_CPU)
-                signal.setitimer(signal.ITIMER_REAL, PASS_ON_AFTER)
+            if self.kept and self.cfg.workers > 1:  # a slow request passes them on
+                self.armed = True
+                self.began = (time.monotonic(), time.thread_time())
+                signal.setitimer(signal.ITIMER_REAL, PASS_ON_AFTER_CPU, PASS_ON_AFTER_CPU)
             respiter = self.wsgi(environ, resp.start_response)
             try:
                 if isinstance(respiter, environ["wsgi.file_wrapper"]):
@@ -387,10 +388,9 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
                 return False
             raise
         finally:
-            if self.serving:
-                self.serving = False
-                if timed:
-                    stop_timers()
+            if self.armed:
+                self.armed = False
+                signal.setitimer(signal.ITIMER_REAL, 0)
             held.flush()  # the head of a response without body
             try:
                 self.cfg.post_request(self, req, environ, resp)
@@ -398,11 +398,18 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
                 self.log.exception("Exception in post_request hook")
 
     def pass_on_kept(self, signum, frame):
-        """SIGPROF, SIGALRM: the request being served has taken
-        ``PASS_ON_AFTER_CPU`` or ``PASS_ON_AFTER``.  Pass the kept-alive
+        """SIGALRM, every ``PASS_ON_AFTER_CPU`` while a request runs: once
+        it has taken ``PASS_ON_AFTER_CPU`` of CPU (the main thread's: the
+        request's) or ``PASS_ON_AFTER`` in all, pass the kept-alive
         connections to the other workers, so that their next requests need
-        not wait for it (the other timer then finds none)."""
-        if self.serving:
+        not wait for it."""
+        if not self.armed:
+            return
+        wall, cpu = self.began
+        if (time.thread_time() - cpu >= PASS_ON_AFTER_CPU
+                or time.monotonic() - wall >= PASS_ON_AFTER):
+            self.armed = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
             self.pass_on()
 
     def pass_on(self):
@@ -463,13 +470,6 @@ class Connection:
 
 WOKEN = object()  # the worker's signal pipe
 PASSED = object()  # the channel of connections passed on
-# The timers' signals: CPU the process used (user and system), time in all.
-PASS_ON_SIGNALS = (signal.SIGPROF, signal.SIGALRM)
-
-
-def stop_timers():
-    signal.setitimer(signal.ITIMER_PROF, 0)
-    signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def passing_channel():
