@@ -419,6 +419,17 @@ def two_kept_by_one_worker(site, conns, readers):
     return worker, first, second
 
 
+def asked_meanwhile(conn, reader, workers):
+    """0.2 s on, a request on ``conn``: the answer's status, how long it
+    took, and which of the ``workers`` has the connection then."""
+    time.sleep(0.2)
+    sent = time.monotonic()
+    conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    status = read_response(reader)[0]
+    took = time.monotonic() - sent
+    return status, took, server_process_of(conn, workers)
+
+
 def test_a_slow_request_does_not_hold_its_workers_other_connections(site, figures):
     """A kept-alive connection waits in the worker that served it.  When that
     worker is held by a slow request, its other connections are passed to a
@@ -434,12 +445,7 @@ def test_a_slow_request_does_not_hold_its_workers_other_connections(site, figure
         worker, slow, fast = two_kept_by_one_worker(site, conns, readers)
         began = time.monotonic()
         slow.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
-        time.sleep(0.2)
-        sent = time.monotonic()
-        fast.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        fast_status = read_response(readers[fast])[0]
-        fast_took = time.monotonic() - sent
-        now_held_by = server_process_of(fast, workers)
+        fast_status, fast_took, now_held_by = asked_meanwhile(fast, readers[fast], workers)
         slow_status, _, slow_body = read_response(readers[slow])
         slow_took = time.monotonic() - began
     finally:
@@ -480,12 +486,7 @@ def test_a_request_that_waits_does_not_hold_its_workers_other_connections(site, 
         sender = threading.Thread(target=trickle, args=(waiting,))
         sender.start()
         try:
-            time.sleep(0.2)
-            sent = time.monotonic()
-            fast.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            fast_status = read_response(readers[fast])[0]
-            fast_took = time.monotonic() - sent
-            now_held_by = server_process_of(fast, workers)
+            fast_status, fast_took, now_held_by = asked_meanwhile(fast, readers[fast], workers)
         finally:
             sender.join()
         waiting_status = read_response(readers[waiting])[0]
