@@ -5,6 +5,7 @@ Each load runs from a second process (``loadgen.py``), bounded in time, against
 a real ZEO server and a gunicorn master with two workers.
 """
 
+import contextlib
 import json
 import os
 import pwd
@@ -397,26 +398,31 @@ def test_pipelined_requests_are_answered_and_keep_alive_0_closes(zeo, site, serv
 SLOW_LOOP = 400_000  # DTML loop turns: about a second on this machine
 
 
-def two_kept_by_one_worker(site, conns, readers):
-    """The worker that keeps two of the connections opened (into ``conns``,
-    read through ``readers``), and those two."""
+@contextlib.contextmanager
+def two_kept_by_one_worker(site):
+    """The worker that keeps two of the connections opened, those two, and
+    each connection's reader; closes all of them on leaving."""
     host, _, port = site.address.rpartition(":")
     workers = site.gunicorn.workers()
-    held = {}
-    # Of two workers one keeps connections, the other stands by and
-    # closes them: open connections until the keeper holds two.
-    while max(map(len, held.values()), default=0) < 2:
-        assert len(conns) < 40, held
-        conns.append(conn := socket.create_connection((host, int(port)), timeout=60))
-        readers[conn] = conn.makefile("rb")
-        conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        status, fields, _ = read_response(readers[conn])
-        assert status == "HTTP/1.1 200 OK"
-        if fields["connection"] == "keep-alive":
-            held.setdefault(server_process_of(conn, workers), []).append(conn)
-    worker, (first, second, *_) = max(held.items(), key=lambda item: len(item[1]))
-    assert worker in workers, held
-    return worker, first, second
+    readers, held = {}, {}
+    try:
+        # Of two workers one keeps connections, the other stands by and
+        # closes them: open connections until the keeper holds two.
+        while max(map(len, held.values()), default=0) < 2:
+            assert len(readers) < 40, held
+            conn = socket.create_connection((host, int(port)), timeout=60)
+            readers[conn] = conn.makefile("rb")
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, fields, _ = read_response(readers[conn])
+            assert status == "HTTP/1.1 200 OK"
+            if fields["connection"] == "keep-alive":
+                held.setdefault(server_process_of(conn, workers), []).append(conn)
+        worker, (first, second, *_) = max(held.items(), key=lambda item: len(item[1]))
+        assert worker in workers, held
+        yield worker, first, second, readers
+    finally:
+        for conn in readers:
+            conn.close()
 
 
 def asked_meanwhile(conn, reader, workers):
@@ -440,17 +446,12 @@ def test_a_slow_request_does_not_hold_its_workers_other_connections(site, figure
                            auth=ADMIN)
     assert status in (200, 302, 400), (status, text[:300])  # 400: exists from an earlier test
     workers = site.gunicorn.workers()
-    conns, readers = [], {}
-    try:
-        worker, slow, fast = two_kept_by_one_worker(site, conns, readers)
+    with two_kept_by_one_worker(site) as (worker, slow, fast, readers):
         began = time.monotonic()
         slow.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
         fast_status, fast_took, now_held_by = asked_meanwhile(fast, readers[fast], workers)
         slow_status, _, slow_body = read_response(readers[slow])
         slow_took = time.monotonic() - began
-    finally:
-        for conn in conns:
-            conn.close()
     figures(f"a slow request ({slow_took:.2f}s) on one of worker {worker}'s kept-alive "
             f"connections; another of them answered {fast_took * 1000:.0f}ms after its "
             f"request, by worker {now_held_by}")
@@ -468,7 +469,6 @@ def test_a_request_that_waits_does_not_hold_its_workers_other_connections(site, 
     ``PASS_ON_AFTER``, once a read returns: system calls resume after the
     timer's signal)."""
     workers = site.gunicorn.workers()
-    conns, readers = [], {}
     body = urllib.parse.urlencode({"x": "y" * 98}).encode()
 
     def trickle(sock):
@@ -477,8 +477,7 @@ def test_a_request_that_waits_does_not_hold_its_workers_other_connections(site, 
             sock.sendall(bytes([byte]))
         sock.sendall(body[10:])
 
-    try:
-        worker, waiting, fast = two_kept_by_one_worker(site, conns, readers)
+    with two_kept_by_one_worker(site) as (worker, waiting, fast, readers):
         began = time.monotonic()
         waiting.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: "
                         b"application/x-www-form-urlencoded\r\nContent-Length: "
@@ -491,9 +490,6 @@ def test_a_request_that_waits_does_not_hold_its_workers_other_connections(site, 
             sender.join()
         waiting_status = read_response(readers[waiting])[0]
         waiting_took = time.monotonic() - began
-    finally:
-        for conn in conns:
-            conn.close()
     figures(f"a request whose body came in {waiting_took:.2f}s on one of worker {worker}'s "
             f"kept-alive connections; another of them answered {fast_took * 1000:.0f}ms "
             f"after its request, by worker {now_held_by}")

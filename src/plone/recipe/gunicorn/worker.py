@@ -183,7 +183,6 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
         self.next_try = 0.0
         self.try_to_keep()
         self.armed = False  # the timer runs for the request in the application
-        self.began = (0.0, 0.0)  # its start: time.monotonic(), time.thread_time()
         self.poller = selectors.DefaultSelector()
         for listener in self.sockets:
             self.poller.register(listener, selectors.EVENT_READ, listener)
@@ -213,7 +212,7 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
                     break
             self.serve_arrived()  # a graceful stop (TERM, HUP, max-requests)
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+            self.disarm()
             self.pass_on()  # to the workers that stay, or that replace this one
             for fd in list(self.kept):
                 self.take(fd).sock.close()
@@ -362,9 +361,7 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
                     or len(self.kept) >= self.cfg.worker_connections - 1):
                 resp.force_close()
             if self.kept and self.cfg.workers > 1:  # a slow request passes them on
-                self.armed = True
-                self.began = (time.monotonic(), time.thread_time())
-                signal.setitimer(signal.ITIMER_REAL, PASS_ON_AFTER_CPU, PASS_ON_AFTER_CPU)
+                self.arm()
             respiter = self.wsgi(environ, resp.start_response)
             try:
                 if isinstance(respiter, environ["wsgi.file_wrapper"]):
@@ -389,13 +386,22 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
             raise
         finally:
             if self.armed:
-                self.armed = False
-                signal.setitimer(signal.ITIMER_REAL, 0)
+                self.disarm()
             held.flush()  # the head of a response without body
             try:
                 self.cfg.post_request(self, req, environ, resp)
             except Exception:
                 self.log.exception("Exception in post_request hook")
+
+    def arm(self):
+        """Start the timer for the request going into the application."""
+        self.armed = True
+        self.began = (time.monotonic(), time.thread_time())  # the request's
+        signal.setitimer(signal.ITIMER_REAL, PASS_ON_AFTER_CPU, PASS_ON_AFTER_CPU)
+
+    def disarm(self):
+        self.armed = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
     def pass_on_kept(self, signum, frame):
         """SIGALRM, every ``PASS_ON_AFTER_CPU`` while a request runs: once
@@ -408,8 +414,7 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
         wall, cpu = self.began
         if (time.thread_time() - cpu >= PASS_ON_AFTER_CPU
                 or time.monotonic() - wall >= PASS_ON_AFTER):
-            self.armed = False
-            signal.setitimer(signal.ITIMER_REAL, 0)
+            self.disarm()
             self.pass_on()
 
     def pass_on(self):
