@@ -396,11 +396,11 @@ def accounted(run, pids):
     t0, server0, busy0, ours0 = snapshot()
     result = run()
     t1, server1, busy1, ours1 = snapshot()
-    server = server1 - server0
+    server, load = server1 - server0, ours1 - ours0
     result["server_cpu_s"] = server
-    result["load_cpu_s"] = ours1 - ours0
+    result["load_cpu_s"] = load
     result["cpu_ms_per_request"] = 1000 * server / result["requests"] if result["requests"] else None
-    result["others_cpu"] = max(0.0, (busy1 - busy0) - server - (ours1 - ours0)) / ((t1 - t0) * CORES)
+    result["others_cpu"] = max(0.0, (busy1 - busy0) - server - load) / ((t1 - t0) * CORES)
     return result
 
 
@@ -864,11 +864,11 @@ def add_ratios(summaries, rounds, inprocess, servers):
             continue
         mine = rounds[server.key]
         s["x_waitress"] = paired(mine, waitress, root_rps)
-        s["x_ceiling"] = (paired(mine, rounds.get(ceiling_key(server), []), root_rps)
-                          if server.family == "gunicorn" else None)
         s["x_compute"] = paired(mine, limit, root_rps, lambda r: r["limit"])
         if server.family == "gunicorn":
-            s["x_ceiling_at_most"] = ceiling_bound(rounds.get(ceiling_key(server), []), inprocess)
+            hello = rounds.get(ceiling_key(server), [])
+            s["x_ceiling"] = paired(mine, hello, root_rps)
+            s["x_ceiling_at_most"] = ceiling_bound(hello, inprocess)
 
 
 def ceiling_bound(hello_rounds, inprocess):
@@ -881,7 +881,7 @@ def ceiling_bound(hello_rounds, inprocess):
     bounds = []
     for r in hello_rounds:
         root = r.get("paths", {}).get("root")
-        if r["round"] not in zope_ms or not root or not root["requests"] or "load_cpu_s" not in root:
+        if r["round"] not in zope_ms or not root or not root["requests"]:
             continue
         hello_ms = 1000 * (root["server_cpu_s"] + root["load_cpu_s"]) / root["requests"]
         bounds.append(CORES * 1000 / (zope_ms[r["round"]] + hello_ms) / root["rps"])
