@@ -65,11 +65,11 @@ def zeo(new_buildout):
 class Site:
     """A running ZEO server and gunicorn master of the ``zeo`` buildout."""
 
-    def __init__(self, buildout, start):
+    def __init__(self, buildout, start, args=()):
         self.buildout, self.start = buildout, start
         self.address = buildout.address
         self.start_zeoserver()
-        self.gunicorn = start([buildout.path("bin", "gunicorn-instance")], buildout.dir,
+        self.gunicorn = start([buildout.path("bin", "gunicorn-instance"), *args], buildout.dir,
                               name="gunicorn")
         assert wait_until_serving(self.gunicorn, self.address) == 200
         self.wait_for_workers(2)
@@ -496,6 +496,89 @@ def test_a_request_that_waits_does_not_hold_its_workers_other_connections(site, 
     assert waiting_status == fast_status == "HTTP/1.1 200 OK"
     assert fast_took < 0.5  # not the second the body took
     assert now_held_by != worker
+
+
+THREADED = ["-k", "plone.recipe.gunicorn.worker.ThreadWorker", "--threads", "4"]
+
+
+def kept_connections(address, count):
+    """``count`` connections opened at once, each answered and kept alive,
+    and how many the server closed after their first answer (each of those
+    opened again, as a client does)."""
+    host, _, port = address.rpartition(":")
+    kept, closed = [], 0
+    while len(kept) < count:
+        assert closed < 10 * count, f"{closed} connections closed after one answer"
+        conns = [socket.create_connection((host, int(port)), timeout=60)
+                 for _ in range(count - len(kept))]
+        for conn in conns:
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        for conn in conns:
+            status, fields, _ = read_response(conn.makefile("rb"))
+            assert status == "HTTP/1.1 200 OK"
+            if fields["connection"] == "keep-alive":
+                kept.append(conn)
+            else:
+                conn.close()
+                closed += 1
+    return kept, closed
+
+
+def held_by(conns, workers):
+    """How many of ``conns`` each of the ``workers`` holds."""
+    held = [server_process_of(conn, workers) for conn in conns]
+    return {worker: held.count(worker) for worker in workers}
+
+
+def test_gthread_workers_share_out_kept_connections(zeo, servers, figures):
+    """gunicorn's gthread worker keeps a connection with the worker that
+    accepted it, and one of several may take most of a burst of new
+    connections (a load balancer opening its pool), or all of those opened
+    while the others could not accept, and serve them on one core while the
+    others idle.  The recipe's share them out as they come, and a worker
+    that holds more than its share closes connections after their response
+    until it does not: their clients connect again, to the others."""
+    site = Site(zeo, servers, THREADED)
+    eventually(lambda: site.gunicorn.output().count("Ready to handle requests") >= 2, 60,
+               site.gunicorn.output)
+    workers = site.gunicorn.workers()
+    conns, burst_closed = kept_connections(site.address, 20)
+    try:
+        burst = held_by(conns, workers)
+    finally:
+        for conn in conns:
+            conn.close()
+
+    paused, other = workers
+    os.kill(paused, signal.SIGSTOP)
+    try:
+        time.sleep(1)  # its post on the board is stale: as gone
+        conns, alone_closed = kept_connections(site.address, 20)
+    finally:
+        os.kill(paused, signal.SIGCONT)
+    try:
+        alone = held_by(conns, workers)
+        reconnected = 0
+        for _ in range(5):  # each client asks again; connects again when told
+            for k, conn in enumerate(conns):
+                conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                status, fields, _ = read_response(conn.makefile("rb"))
+                assert status == "HTTP/1.1 200 OK"
+                if fields["connection"] == "close":
+                    conn.close()
+                    (conns[k],), _ = kept_connections(site.address, 1)
+                    reconnected += 1
+        shared = held_by(conns, workers)
+    finally:
+        for conn in conns:
+            conn.close()
+    figures(f"20 connections opened at once to 2 gthread workers, kept: {burst} "
+            f"({burst_closed} closed after their first answer and opened again); "
+            f"opened while worker {paused} was stopped: {alone}, then after 5 requests "
+            f"each ({reconnected} connections closed and opened again): {shared}")
+    assert sum(burst.values()) == 20 and min(burst.values()) >= 8, burst
+    assert alone == {paused: 0, other: 20} and alone_closed == 0
+    assert sum(shared.values()) == 20 and min(shared.values()) >= 8, shared
 
 
 def test_head_and_body_go_out_together(site, figures):

@@ -78,16 +78,23 @@ write, as bjoern does: one wake-up and one system call fewer per
 response.  A response without a body (``HEAD``, 304) sends
 its head when it ends; a body larger than ``HEAD_WITH_BODY`` bytes is sent
 after its head, rather than copied to join it.
+
+gunicorn's gthread workers keep each connection with the worker that
+accepted it, and a worker accepts whenever its main thread is free, so one
+of several may take most of a burst of new connections and keep them.
+The recipe's gthread workers share them out (``ThreadWorker``).
 """
 
 import errno
 import fcntl
 import math
+import mmap
 import os
 import select
 import selectors
 import signal
 import socket
+import struct
 import tempfile
 import time
 from datetime import datetime
@@ -105,6 +112,11 @@ HEAD_WITH_BODY = 65536  # body bytes a response's head is joined to in one write
 PASS_ON_AFTER_CPU = 0.01  # seconds of CPU a request takes before the sync worker passes
 PASS_ON_AFTER = 0.05  # on its other connections, or seconds it takes in all
 KEEPER_RETRY = 1.0  # seconds between a standing-by sync worker's tries for a keeper's slot
+ACCEPT_MARGIN = 2  # connections fewer another gthread worker holds: this one does not accept
+CLOSE_MARGIN = 3  # ... this one closes connections after their response
+BOARD_INTERVAL = 0.1  # seconds at most between a gthread worker's posts on the board
+RECHECK = 0.01  # seconds between a gthread worker's looks while it does not accept
+BOARD_STALE = 0.5  # seconds after which a post is a worker gone
 
 
 class ClientLimits:
@@ -502,6 +514,57 @@ def keeper_slots(directory):
 _slots = None
 
 
+class ConnectionBoard:
+    """What each gthread worker holds (connections) and whether it may accept
+    (it is not stopping, nor at ``worker_connections``):
+    a file the master made, mapped by all workers.  A worker claims a slot
+    with a POSIX lock on one byte, which the kernel frees when it dies, and
+    posts there; a post older than ``BOARD_STALE`` seconds is a worker gone."""
+
+    ENTRY = struct.Struct("dI?")
+
+    def __init__(self, directory, slots):
+        self.slots = slots
+        self.file = tempfile.TemporaryFile(dir=directory)
+        self.file.truncate(slots * self.ENTRY.size)
+        self.map = mmap.mmap(self.file.fileno(), slots * self.ENTRY.size)
+
+    def claim(self):
+        """A free slot, emptied, or None when all are taken."""
+        for slot in range(self.slots):
+            try:
+                fcntl.lockf(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, slot)
+            except OSError:  # another worker's
+                continue
+            self.post(slot, 0, False)
+            return slot
+        return None
+
+    def post(self, slot, held, may_accept):
+        self.ENTRY.pack_into(self.map, slot * self.ENTRY.size, time.monotonic(), held, may_accept)
+
+    def others(self, slot):
+        """(connections held, may accept) of the other workers alive."""
+        recent = time.monotonic() - BOARD_STALE
+        for other in range(self.slots):
+            if other != slot:
+                posted, held, may_accept = self.ENTRY.unpack_from(self.map, other * self.ENTRY.size)
+                if posted > recent:
+                    yield held, may_accept
+
+
+def connection_board(directory, workers):
+    """The master's board for its gthread workers: slots for twice as many
+    as it runs, as old and new workers overlap after a HUP."""
+    global _board
+    if _board is None:
+        _board = ConnectionBoard(directory, 2 * workers + 2)
+    return _board
+
+
+_board = None
+
+
 def cores():
     """The cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -526,9 +589,60 @@ def has_arrived(sock):
 
 
 class ThreadWorker(ClientLimits, gthread.ThreadWorker):
-    """``worker-class = plone.recipe.gunicorn.worker.ThreadWorker``."""
+    """``worker-class = plone.recipe.gunicorn.worker.ThreadWorker``.
+
+    gunicorn's gthread worker keeps a connection alive with the worker that
+    accepted it, and accepts whenever its main thread is free: of a burst of
+    new connections (a load balancer's pool, a load generator) one worker
+    may take most and keep them, its threads taking turns at one core while
+    the other workers idle.  With several workers the recipe's stops
+    accepting while another worker, not stopping, holds ``ACCEPT_MARGIN``
+    (2) connections fewer, and while one holds ``CLOSE_MARGIN`` (3) fewer
+    closes connections after their response; the kernel hands new
+    connections to the workers that accept.  The workers tell one another what they hold on a board the
+    master made (``ConnectionBoard``), every ``BOARD_INTERVAL`` at least,
+    and one that does not accept looks again every ``RECHECK``.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)  # in the master, before the fork
+        self.board = (connection_board(self.cfg.worker_tmp_dir, self.cfg.workers)
+                      if self.cfg.workers > 1 else None)
+        self.slot = None  # the board's, once claimed; None: accept as gunicorn's
+
+    def init_process(self):
+        if self.board is not None:
+            self.slot = self.board.claim()
+        super().init_process()  # runs the worker until it exits
+
+    def set_accept_enabled(self, enabled):
+        super().set_accept_enabled(enabled and not self.more_than_share(ACCEPT_MARGIN))
+
+    def wait_for_and_dispatch_events(self, timeout):
+        if self.slot is None:
+            return super().wait_for_and_dispatch_events(timeout)
+        if self._accepting and self.more_than_share(ACCEPT_MARGIN):
+            super().set_accept_enabled(False)
+        self.board.post(self.slot, self.nr_conns,
+                        self.alive and self.nr_conns < self.worker_connections)
+        return super().wait_for_and_dispatch_events(
+            min(timeout, RECHECK if self.alive and not self._accepting else BOARD_INTERVAL))
+
+    def more_than_share(self, margin):
+        """Whether another worker that may accept holds ``margin`` connections
+        fewer than this one."""
+        return self.slot is not None and any(
+            may_accept and held + margin <= self.nr_conns
+            for held, may_accept in self.board.others(self.slot))
 
     def handle_request(self, req, conn):
+        if self.more_than_share(CLOSE_MARGIN):
+            # Kept connections stay with their worker: those a worker took
+            # alone (the others loading Zope, or stopped) would stay with it
+            # for good.  Its client connects again, to a worker that accepts.
+            # (A margin wider than for accepting: a burst's passing
+            # unevenness costs no new connections.)
+            req.force_close()
         # gunicorn's response writes to the connection's socket, which is
         # this thread's until the request is done.
         sock = conn.sock
