@@ -259,14 +259,9 @@ class SyncWorker(ClientLimits, sync.SyncWorker):
         worker dies; a worker without one tries again after
         ``KEEPER_RETRY`` seconds (after a HUP the old workers hold them
         until they stop)."""
-        for slot in range(min(self.cfg.workers, cores())):
-            try:
-                fcntl.lockf(self.slots, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, slot)
-            except OSError:  # another worker's
-                continue
-            self.keeper = True
-            return
-        self.next_try = time.monotonic() + KEEPER_RETRY
+        self.keeper = lock_slot(self.slots, min(self.cfg.workers, cores())) is not None
+        if not self.keeper:
+            self.next_try = time.monotonic() + KEEPER_RETRY
 
     def wait_time(self):
         """Seconds until the master's heartbeat is due or a connection's wait ends."""
@@ -531,14 +526,10 @@ class ConnectionBoard:
 
     def claim(self):
         """A free slot, emptied, or None when all are taken."""
-        for slot in range(self.slots):
-            try:
-                fcntl.lockf(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, slot)
-            except OSError:  # another worker's
-                continue
+        slot = lock_slot(self.file, self.slots)
+        if slot is not None:
             self.post(slot, 0, False)
-            return slot
-        return None
+        return slot
 
     def post(self, slot, held, may_accept):
         self.ENTRY.pack_into(self.map, slot * self.ENTRY.size, time.monotonic(), held, may_accept)
@@ -563,6 +554,19 @@ def connection_board(directory, workers):
 
 
 _board = None
+
+
+def lock_slot(file, count):
+    """The first of ``count`` slots of ``file`` (a POSIX lock on its byte
+    of that number) this process could take, or None; the kernel frees it
+    when the process dies."""
+    for slot in range(count):
+        try:
+            fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, slot)
+        except OSError:  # another worker's
+            continue
+        return slot
+    return None
 
 
 def cores():
@@ -599,9 +603,10 @@ class ThreadWorker(ClientLimits, gthread.ThreadWorker):
     accepting while another worker, not stopping, holds ``ACCEPT_MARGIN``
     (2) connections fewer, and while one holds ``CLOSE_MARGIN`` (3) fewer
     closes connections after their response; the kernel hands new
-    connections to the workers that accept.  The workers tell one another what they hold on a board the
-    master made (``ConnectionBoard``), every ``BOARD_INTERVAL`` at least,
-    and one that does not accept looks again every ``RECHECK``.
+    connections to the workers that accept.  The workers tell one another
+    what they hold on a board the master made (``ConnectionBoard``), every
+    ``BOARD_INTERVAL`` at least, and one that does not accept looks again
+    every ``RECHECK``.
     """
 
     def __init__(self, *args, **kwargs):
